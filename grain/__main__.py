@@ -1,0 +1,3 @@
+from grain.cli import main
+
+main()

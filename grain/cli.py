@@ -1,0 +1,162 @@
+"""The ``grain`` command line. Each subcommand loads one config, calls one stage function, and prints where the
+output went; nothing here holds logic a notebook or a Prefect task could not call directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+from grain.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(
+    name="grain",
+    help="GRAIN pretraining pipeline: ingest → describe → ground → train → evaluate, as restartable stages over "
+    "folders of Parquet shards. Every command takes --config (YAML; default: the built-in synthetic world) and "
+    "any number of --set section.key=value overrides.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config file; omitted = built-in defaults (configs/default.yaml).", exists=False),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Dotted override, repeatable: --set ingest.num_shards=8 --set workdir=runs/x"),
+]
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def ingest(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; default <workdir>/samples/<fingerprint>.")] = None,
+    rank: Annotated[int, typer.Option(help="This process's rank when several processes/machines split the shards.")] = 0,
+    world_size: Annotated[int, typer.Option(help="Number of processes/machines splitting the shards.")] = 1,
+    workers: Annotated[int, typer.Option(help="Local worker processes (shards run in parallel).")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over shards.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each committed shard.")] = False,
+) -> None:
+    """Ingest image-caption data into samples/ Parquet shards.
+
+    Sources (ingest.source): synthetic (built-in world), webdataset (img2dataset tars), parquet (img2dataset or HF-style), csv (.csv/.tsv/.jsonl of image path + caption, with ingest.image_root).
+
+    Bad rows go to quarantine/ with a reason; finished shards are skipped on rerun, so a killed run resumes and a warm rerun does no work.
+    """
+    _setup_logging(verbose)
+    from grain.data.ingest import ingest as run_ingest
+    from grain.data.ingest import ingest_fingerprint
+    from grain.data.readers import InputError
+    from grain.shards import stage_dir
+
+    cfg = _load(config, set_)
+    try:
+        fp = ingest_fingerprint(cfg.ingest)
+        target = out or stage_dir(cfg.workdir, "samples", fp)
+        result = run_ingest(cfg.ingest, target, rank=rank, world_size=world_size, workers=workers, progress=progress)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _report(result)
+
+
+def _report(result) -> None:  # noqa: ANN001 - a grain.shards.StageResult
+    work = f"ran {len(result.shards_run)} shard(s), skipped {len(result.shards_skipped)} finished"
+    typer.echo(f"{result.stage}: {work} in {result.seconds:.2f}s")
+    if result.complete:
+        t = result.totals
+        q = sum(t["quarantined"].values())
+        typer.echo(f"  rows in {t['rows_in']}, out {t['rows_out']}, quarantined {q} {t['quarantined'] or ''}".rstrip())
+    else:
+        typer.echo("  stage incomplete: other ranks still have shards to run")
+    typer.echo(f"  output: {result.out_dir}")
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the fully resolved config (every default spelled out) as YAML."""
+    cfg = _load(config, set_)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@app.command()
+def stats(folder: Annotated[Path, typer.Argument(help="A stage output folder, e.g. runs/default/samples/<fp>.")]) -> None:
+    """Summarise a stage folder: shards done, row counts, quarantine reasons with an example each."""
+    from grain.shards import SUCCESS_FILE, iter_markers, read_json
+
+    if not (folder / "_stage.json").exists():
+        typer.echo(f"error: {folder} is not a stage folder (no _stage.json)", err=True)
+        raise typer.Exit(2)
+    header = read_json(folder / "_stage.json")
+    markers = list(iter_markers(folder))
+    typer.echo(f"{header['stage']} {header['fingerprint']}: {len(markers)}/{header['num_shards']} shards done"
+               + (" (complete)" if (folder / SUCCESS_FILE).exists() else ""))
+    rows_in = sum(m["rows_in"] for m in markers)
+    rows_out = sum(m["rows_out"] for m in markers)
+    typer.echo(f"  rows in {rows_in}, out {rows_out}, quarantined {rows_in - rows_out}")
+    quarantine = sorted((folder / "quarantine").glob("part-*.parquet"))
+    if quarantine:
+        import pyarrow.parquet as pq
+
+        examples: dict[str, tuple[int, str]] = {}
+        for part in quarantine:
+            for row in pq.read_table(part, columns=["uid", "reason", "detail"]).to_pylist():
+                n, detail = examples.get(row["reason"], (0, row["detail"]))
+                examples[row["reason"]] = (n + 1, detail)
+        for reason, (n, detail) in sorted(examples.items()):
+            typer.echo(f"  {reason}: {n}  e.g. {detail}")
+
+
+@app.command()
+def descriptors(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    which: Annotated[str, typer.Option(help="unseen | seen | all")] = "unseen",
+    out: Annotated[Optional[Path], typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write the synthetic world's class descriptors as DCLIP-format JSON: one key per class name, a list of part descriptions each."""
+    from grain.data import synthetic
+
+    if which not in ("unseen", "seen", "all"):
+        typer.echo(f"error: --which must be one of unseen, seen, all (got {which!r})", err=True)
+        raise typer.Exit(2)
+    s = _load(config, set_).ingest.synthetic
+    world = synthetic.build_world(s.seed, s.num_seen_classes, s.num_unseen_pairs)
+    text = json.dumps(world.descriptors(which), indent=1)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text + "\n")
+        typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""The shard runner: the one caching / restart mechanism every stage shares.
+
+A stage's output folder is named by its fingerprint and holds::
+
+    _stage.json                 stage name, fingerprint, config, code version, upstream (written first)
+    part-00000.parquet …        one output shard per input shard (1:1 with the stage's input)
+    quarantine/part-00000.parquet   the rows of that shard that were rejected, each with a reason
+    _done/part-00000.json       the shard's completion marker and stats (written LAST)
+    _SUCCESS.json               totals, written once every shard has its marker
+
+A shard is committed atomically: both Parquet files are written to ``*.tmp``, fsynced and renamed, and only then is
+the marker written (also tmp → fsync → rename). A shard without a marker is treated as never run, whatever files
+it left behind, so a killed run resumes at the first unfinished shard and never leaves a partial shard visible. A
+warm rerun finds every marker and does no work. Shards are split between processes or machines by
+``index % world_size == rank``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grain.contracts import QUARANTINE_REASONS, QUARANTINE_SCHEMA, ContractError, rows_to_table
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "_stage.json"
+SUCCESS_FILE = "_SUCCESS.json"
+DONE_DIR = "_done"
+QUARANTINE_DIR = "quarantine"
+
+
+class StageConflictError(RuntimeError):
+    """An output folder already holds a different stage or fingerprint; outputs are never mixed."""
+
+
+class ShardAccountingError(RuntimeError):
+    """A shard's output + quarantine rows do not add up to its input rows; the shard is not committed."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work. ``inputs`` are the files it reads; ``start``/``stop`` a row range where one input is split."""
+
+    index: int
+    inputs: tuple[str, ...] = ()
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+@dataclass
+class StageResult:
+    """What a run of a stage did. ``complete`` is True once every shard (all ranks) is committed."""
+
+    stage: str
+    out_dir: Path
+    fingerprint: str
+    num_shards: int
+    shards_run: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    complete: bool = False
+    totals: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.shards_run)
+
+
+ProcessFn = Callable[[Shard, "ShardSink"], Mapping[str, Any] | None]
+
+
+class ShardSink:
+    """Collects one shard's output and quarantine rows and commits them atomically.
+
+    A process function calls ``write(row)`` for each accepted row and ``quarantine(...)`` for each rejected one.
+    Rows are validated against the stage schema and streamed to ``*.tmp`` Parquet files in batches, so a shard
+    never has to fit in memory.
+    """
+
+    def __init__(self, out_dir: Path, shard: Shard, schema: pa.Schema, stage: str, batch_rows: int = 256):
+        self.out_dir = out_dir
+        self.shard = shard
+        self.schema = schema
+        self.stage = stage
+        self.batch_rows = batch_rows
+        self.rows_out = 0
+        self.quarantined: Counter[str] = Counter()
+        self.bytes_out = 0
+        self._rows: list[dict[str, Any]] = []
+        self._qrows: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._qwriter: pq.ParquetWriter | None = None
+        (out_dir / QUARANTINE_DIR).mkdir(parents=True, exist_ok=True)
+        self.part_path = out_dir / f"{shard.name}.parquet"
+        self.quarantine_path = out_dir / QUARANTINE_DIR / f"{shard.name}.parquet"
+        self._tmp = self.part_path.with_suffix(".parquet.tmp")
+        self._qtmp = self.quarantine_path.with_suffix(".parquet.tmp")
+
+    # -- rows
+    def write(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self.rows_out += 1
+        if len(self._rows) >= self.batch_rows:
+            self._flush()
+
+    def quarantine(
+        self,
+        uid: str,
+        reason: str,
+        detail: str,
+        source: str,
+        *,
+        caption: str | None = None,
+        image: bytes | None = None,
+        meta: str | None = None,
+    ) -> None:
+        if reason not in QUARANTINE_REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r}; known: {sorted(QUARANTINE_REASONS)}")
+        self._qrows.append(
+            {
+                "uid": uid,
+                "stage": self.stage,
+                "reason": reason,
+                "detail": detail,
+                "source": source,
+                "caption": caption,
+                "image": image,
+                "meta": meta,
+            }
+        )
+        self.quarantined[reason] += 1
+        if len(self._qrows) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            try:
+                table = rows_to_table(self._rows, self.schema)
+            except ContractError as exc:
+                raise ContractError(f"{self.stage} shard {self.shard.name}: {exc}") from None
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self._tmp, self.schema)
+            self._writer.write_table(table)
+            self._rows = []
+        if self._qrows:
+            table = rows_to_table(self._qrows, QUARANTINE_SCHEMA)
+            if self._qwriter is None:
+                self._qwriter = pq.ParquetWriter(self._qtmp, QUARANTINE_SCHEMA)
+            self._qwriter.write_table(table)
+            self._qrows = []
+
+    # -- commit
+    def commit(self, stats: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+        """Close, fsync and rename both files, then write the marker last. Returns the marker dict."""
+        rows_in = stats.get("rows_in")
+        quarantined = sum(self.quarantined.values())
+        if rows_in is not None and rows_in != self.rows_out + quarantined:
+            self.abort()
+            raise ShardAccountingError(
+                f"{self.stage} shard {self.shard.name}: {rows_in} input rows but {self.rows_out} written + "
+                f"{quarantined} quarantined; refusing to commit a shard that loses rows"
+            )
+        self._flush()
+        for writer_attr, tmp, schema in (("_writer", self._tmp, self.schema), ("_qwriter", self._qtmp, QUARANTINE_SCHEMA)):
+            writer = getattr(self, writer_attr)
+            if writer is None:  # no rows: still write an empty file with the schema, so every shard has both
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.close()
+            setattr(self, writer_attr, None)
+            _fsync_file(tmp)
+        self.bytes_out = self._tmp.stat().st_size
+        os.replace(self._tmp, self.part_path)
+        os.replace(self._qtmp, self.quarantine_path)
+        _fsync_dir(self.quarantine_path.parent)
+        _fsync_dir(self.out_dir)
+        marker = {
+            "shard": self.shard.name,
+            "index": self.shard.index,
+            "inputs": list(self.shard.inputs),
+            "rows_in": rows_in if rows_in is not None else self.rows_out + quarantined,
+            "rows_out": self.rows_out,
+            "quarantined": dict(sorted(self.quarantined.items())),
+            "bytes": self.bytes_out,
+            "seconds": round(seconds, 4),
+            **{k: v for k, v in stats.items() if k != "rows_in"},
+        }
+        write_json_atomic(self.out_dir / DONE_DIR / f"{self.shard.name}.json", marker)
+        return marker
+
+    def abort(self) -> None:
+        """Drop everything written so far (the shard stays unfinished)."""
+        for writer in (self._writer, self._qwriter):
+            if writer is not None:
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - best effort while already failing
+                    log.debug("closing a writer during abort failed", exc_info=True)
+        self._writer = self._qwriter = None
+        for tmp in (self._tmp, self._qtmp):
+            tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON via tmp → fsync → rename so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(value, fh, indent=1, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def finished_shards(out_dir: Path) -> set[int]:
+    """Indices of shards whose marker and output files exist."""
+    done = set()
+    marker_dir = Path(out_dir) / DONE_DIR
+    if not marker_dir.is_dir():
+        return done
+    for marker in marker_dir.glob("part-*.json"):
+        name = marker.stem
+        if (Path(out_dir) / f"{name}.parquet").exists() and (Path(out_dir) / QUARANTINE_DIR / f"{name}.parquet").exists():
+            done.add(int(name.split("-")[1]))
+    return done
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """True when the stage folder has _SUCCESS.json and every shard's marker and files."""
+    out_dir = Path(out_dir)
+    success = out_dir / SUCCESS_FILE
+    if not success.exists():
+        return False
+    expected = read_json(success)["num_shards"]
+    return len(finished_shards(out_dir)) == expected
+
+
+def output_parts(out_dir: str | Path, *, quarantine: bool = False, require_complete: bool = True) -> list[Path]:
+    """The committed Parquet shards of a stage folder, in shard order.
+
+    Raises FileNotFoundError (naming the folder and what is missing) when ``require_complete`` and the stage has
+    not finished; downstream stages must not read half a stage.
+    """
+    out_dir = Path(out_dir)
+    if require_complete and not is_complete(out_dir):
+        raise FileNotFoundError(
+            f"{out_dir} is not a complete stage output (no {SUCCESS_FILE}, or shards missing their markers); "
+            "run the stage to completion first"
+        )
+    base = out_dir / QUARANTINE_DIR if quarantine else out_dir
+    return [base / f"part-{i:05d}.parquet" for i in sorted(finished_shards(out_dir))]
+
+
+def read_table(out_dir: str | Path, *, quarantine: bool = False, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a complete stage (or its quarantine) as one table."""
+    parts = output_parts(out_dir, quarantine=quarantine)
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+def _run_one(out_dir: Path, shard: Shard, schema: pa.Schema, stage: str, process: ProcessFn) -> dict[str, Any]:
+    """Process and commit one shard (also the entry point in worker processes)."""
+    start = time.perf_counter()
+    sink = ShardSink(out_dir, shard, schema, stage)
+    try:
+        stats = process(shard, sink) or {}
+        return sink.commit(stats, time.perf_counter() - start)
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _prepare(out_dir: Path, header: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage_file = out_dir / STAGE_FILE
+    if stage_file.exists():
+        existing = read_json(stage_file)
+        for key in ("stage", "fingerprint", "num_shards"):
+            if existing.get(key) != header[key]:
+                raise StageConflictError(
+                    f"{out_dir} already holds {key}={existing.get(key)!r}, this run has {header[key]!r}; "
+                    "a changed config must write to a new folder (use the fingerprint-named folder)"
+                )
+    else:
+        write_json_atomic(stage_file, header)
+    (out_dir / DONE_DIR).mkdir(exist_ok=True)
+    (out_dir / QUARANTINE_DIR).mkdir(exist_ok=True)
+
+
+def run_stage(
+    stage: str,
+    out_dir: str | Path,
+    fingerprint: str,
+    shards: Sequence[Shard],
+    process: ProcessFn,
+    schema: pa.Schema,
+    *,
+    config: Mapping[str, Any] | None = None,
+    code_version: str = "",
+    upstream: Mapping[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 1,
+    progress: bool = False,
+) -> StageResult:
+    """Run ``process`` on every unfinished shard of this rank and commit each one atomically.
+
+    ``process(shard, sink)`` writes rows to ``sink`` and returns extra stats for the marker; it should return
+    ``{"rows_in": n}`` so the runner can check that no row was lost. With ``workers > 1`` shards run in a process
+    pool (``process`` must then be picklable: a module-level function or ``functools.partial`` of one).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+    indices = [s.index for s in shards]
+    if indices != list(range(len(shards))):
+        raise ValueError(f"{stage}: shards must be numbered 0..{len(shards) - 1} in order")
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    header = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "num_shards": len(shards),
+        "code_version": code_version,
+        "config": dict(config or {}),
+        "upstream": dict(upstream or {}),
+    }
+    _prepare(out_dir, header)
+    done = finished_shards(out_dir)
+    mine = [s for s in shards if s.index % world_size == rank]
+    todo = [s for s in mine if s.index not in done]
+    result = StageResult(stage, out_dir, fingerprint, len(shards), shards_skipped=[s.index for s in mine if s.index in done])
+    if todo:
+        (out_dir / SUCCESS_FILE).unlink(missing_ok=True)  # the stage is (again) incomplete until the end
+        for s in todo:  # a marker without its files is stale: the shard is redone
+            (out_dir / DONE_DIR / f"{s.name}.json").unlink(missing_ok=True)
+        log.info("%s: %d/%d shards to run in %s", stage, len(todo), len(mine), out_dir)
+    bar = _progress_bar(stage, len(mine), len(mine) - len(todo), progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for shard in todo:
+                marker = _run_one(out_dir, shard, schema, stage, process)
+                result.shards_run.append(shard.index)
+                _advance(bar, marker)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, out_dir, s, schema, stage, process): s for s in todo}
+                for fut in as_completed(futures):
+                    marker = fut.result()
+                    result.shards_run.append(futures[fut].index)
+                    _advance(bar, marker)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.shards_run.sort()
+    finished = finished_shards(out_dir)
+    if len(finished) == len(shards):
+        totals = _totals(out_dir, len(shards))
+        if not (out_dir / SUCCESS_FILE).exists() or todo:
+            write_json_atomic(out_dir / SUCCESS_FILE, {"stage": stage, "fingerprint": fingerprint, **totals})
+        result.complete = True
+        result.totals = totals
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
+    quarantined: Counter[str] = Counter()
+    totals = {"num_shards": num_shards, "rows_in": 0, "rows_out": 0, "bytes": 0, "seconds": 0.0}
+    for i in range(num_shards):
+        marker = read_json(out_dir / DONE_DIR / f"part-{i:05d}.json")
+        for key in ("rows_in", "rows_out", "bytes", "seconds"):
+            totals[key] += marker[key]
+        quarantined.update(marker["quarantined"])
+    totals["seconds"] = round(totals["seconds"], 3)
+    totals["quarantined"] = dict(sorted(quarantined.items()))
+    return totals
+
+
+def _progress_bar(stage: str, total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=stage, unit="shard", dynamic_ncols=True)
+
+
+def _advance(bar: Any, marker: Mapping[str, Any]) -> None:
+    log.info(
+        "committed %s: %d in, %d out, quarantined %s, %.2fs",
+        marker["shard"], marker["rows_in"], marker["rows_out"], marker["quarantined"] or "{}", marker["seconds"],
+    )
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(rows=marker["rows_out"], quarantined=sum(marker["quarantined"].values()))
+
+
+def iter_markers(out_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The completion markers of a stage folder, in shard order."""
+    for i in sorted(finished_shards(Path(out_dir))):
+        yield read_json(Path(out_dir) / DONE_DIR / f"part-{i:05d}.json")
+
+
+def result_summary(result: StageResult) -> dict[str, Any]:
+    """A JSON-able summary of a StageResult (for CLIs and logs)."""
+    out = asdict(result)
+    out["out_dir"] = str(result.out_dir)
+    return out
+
+
+def stage_dir(workdir: str | Path, folder: str, fingerprint: str) -> Path:
+    """Where a stage writes: ``<workdir>/<folder>/<fingerprint>``, e.g. ``runs/default/samples/3f2a…``."""
+    return Path(workdir) / folder / fingerprint
