@@ -1,0 +1,306 @@
+"""Readers that turn each supported input format into a stream of ``RawRecord``s, one per input row.
+
+A reader never drops a row: a row it cannot use is still yielded, with ``problem=(reason, detail)``, so the
+ingest stage can quarantine it. Shard planning (which input files / row ranges make shard *i*) lives here too.
+
+Formats:
+- img2dataset **webdataset** output: ``NNNNN.tar`` holding ``KEY.jpg``/``KEY.txt``/``KEY.json`` per sample, with
+  a metadata sidecar ``NNNNN.parquet`` (every attempted URL, with ``status``) and ``NNNNN_stats.json``.
+- **parquet**: img2dataset parquet output (``key``, ``caption``, ``jpg`` bytes, ``status``…) or Hugging Face style
+  (an image column holding bytes or a ``{bytes, path}`` struct, plus a caption column).
+- **csv**: ``.csv``/``.tsv``/``.jsonl`` rows of (image path, caption), paths relative to ``image_root``.
+- **synthetic**: the built-in world (grain.data.synthetic).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from grain.config import IngestConfig
+from grain.shards import Shard
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_COLUMN_CANDIDATES = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
+PATH_COLUMN_CANDIDATES = ("image", "image_path", "path", "file", "filepath", "file_name", "filename")
+
+
+class InputError(ValueError):
+    """The input location or layout is unusable (not a per-row problem); the message names the path."""
+
+
+@dataclass
+class RawRecord:
+    """One input row as read, before any validation."""
+
+    uid: str
+    source: str
+    image: bytes | None = None
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    label: int | None = None
+    regions: list[dict[str, Any]] | None = None
+    problem: tuple[str, str] | None = None  # (quarantine reason, detail) already known to the reader
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def input_files(cfg: IngestConfig) -> list[Path]:
+    """The input files of a non-synthetic source, sorted; raises InputError naming the path if there are none."""
+    if cfg.source == "synthetic":
+        return []
+    path = Path(cfg.path or "")
+    patterns = {"webdataset": ("*.tar",), "parquet": ("*.parquet",), "csv": ("*.csv", "*.tsv", "*.jsonl", "*.json")}[cfg.source]
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for pattern in patterns for f in path.glob(pattern))
+        if cfg.source == "parquet":
+            files = [f for f in files if not f.name.endswith("_stats.parquet")]
+    else:
+        raise InputError(f"ingest.path {str(path)!r} does not exist")
+    if not files:
+        raise InputError(f"ingest.path {str(path)!r} holds no {' / '.join(patterns)} files for source {cfg.source!r}")
+    return files
+
+
+def input_signature(cfg: IngestConfig) -> dict[str, Any]:
+    """What identifies the input data for the fingerprint: each file's name, size and mtime (make-style)."""
+    files = input_files(cfg)
+    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def plan_shards(cfg: IngestConfig) -> list[Shard]:
+    """Shard *i* of samples/: one per input tar/parquet file; contiguous row ranges for csv and synthetic."""
+    if cfg.source == "synthetic":
+        return _row_ranges(cfg.synthetic.num_images, cfg.num_shards, ())
+    files = input_files(cfg)
+    if cfg.source == "csv":
+        if len(files) != 1:
+            raise InputError(f"ingest.path {cfg.path!r}: source 'csv' reads one .csv/.tsv/.jsonl file, found {len(files)}; name the file")
+        return _row_ranges(_count_table_rows(files[0]), cfg.num_shards, (str(files[0]),))
+    return [Shard(i, (str(f),)) for i, f in enumerate(files)]
+
+
+def _row_ranges(n: int, num_shards: int, inputs: tuple[str, ...]) -> list[Shard]:
+    num_shards = max(1, min(num_shards, n)) if n else 1
+    bounds = [round(i * n / num_shards) for i in range(num_shards + 1)]
+    return [Shard(i, inputs, bounds[i], bounds[i + 1]) for i in range(num_shards)]
+
+
+def _count_table_rows(path: Path) -> int:
+    return sum(1 for _ in _iter_table_file(path))
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def read_shard(cfg: IngestConfig, shard: Shard) -> Iterator[RawRecord]:
+    """Every input row of ``shard`` as a RawRecord (including the unusable ones)."""
+    if cfg.source == "synthetic":
+        return read_synthetic(cfg, shard.start, shard.stop)
+    if cfg.source == "webdataset":
+        return read_webdataset_tar(Path(shard.inputs[0]))
+    if cfg.source == "parquet":
+        return read_parquet_file(Path(shard.inputs[0]), cfg)
+    return read_table_rows(Path(shard.inputs[0]), cfg, shard.start, shard.stop)
+
+
+def read_synthetic(cfg: IngestConfig, start: int, stop: int) -> Iterator[RawRecord]:
+    from grain.data import synthetic
+
+    world = synthetic.build_world(cfg.synthetic.seed, cfg.synthetic.num_seen_classes, cfg.synthetic.num_unseen_pairs)
+    for index in range(start, stop):
+        row = synthetic.render_sample(world, cfg.synthetic, index)
+        yield RawRecord(
+            uid=row["uid"],
+            source=row["source"],
+            image=row["image"],
+            caption=row["caption"],
+            meta=json.loads(row["meta"]),
+            label=row["label"],
+            regions=row["regions"],
+        )
+
+
+def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
+    """Group a webdataset tar's members by key; reconcile with the img2dataset sidecar parquet if present.
+
+    Keys listed in the sidecar as failed downloads become ``download_failed``; keys the sidecar says succeeded but
+    the tar lacks (e.g. a tar cut short) become ``missing_image``. A tar that cannot be read to the end yields
+    what it could read and accounts for the rest through the sidecar.
+    """
+    source = f"webdataset:{tar_path.name}"
+    groups: dict[str, dict[str, bytes]] = {}
+    tar_error = None
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                key, dot, ext = name.partition(".")
+                if not dot or key.startswith("_"):
+                    continue
+                fh = tar.extractfile(member)
+                if fh is None:
+                    continue
+                groups.setdefault(_key_prefix(member.name, key), {})[ext.lower()] = fh.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        tar_error = f"{type(exc).__name__}: {exc}"
+
+    sidecar = _read_sidecar(tar_path)
+    for key, files in groups.items():
+        meta = _json_or_empty(files.get("json"))
+        meta.update({k: v for k, v in sidecar.pop(key, {}).items() if k not in meta and v is not None})
+        caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else meta.get("caption")
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        record = RawRecord(uid=key, source=source, caption=caption, meta=meta)
+        if image_ext is None:
+            record.problem = ("missing_image", f"{tar_path.name}: key {key} has {sorted(files)} but no image member")
+        else:
+            record.image = files[image_ext]
+            record.meta.setdefault("member", f"{key}.{image_ext}")
+        yield record
+    for key, row in sidecar.items():  # rows the tar does not hold
+        status = row.get("status")
+        if status not in (None, "success"):
+            problem = ("download_failed", f"{tar_path.name}: key {key}: status={status}: {row.get('error_message') or ''}".rstrip(": "))
+        else:
+            why = f"tar unreadable after some members ({tar_error})" if tar_error else "no member in the tar"
+            problem = ("missing_image", f"{tar_path.name}: key {key} listed as {status or 'present'} in the sidecar parquet but {why}")
+        yield RawRecord(uid=key, source=source, caption=row.get("caption"), meta=_jsonable(row), problem=problem)
+    if tar_error and not sidecar and not groups:
+        raise InputError(f"{tar_path}: cannot read the tar ({tar_error}) and there is no sidecar parquet to account for its rows")
+
+
+def _key_prefix(member_name: str, key: str) -> str:
+    parent = str(Path(member_name).parent)
+    return key if parent in ("", ".") else f"{parent}/{key}"
+
+
+def _read_sidecar(tar_path: Path) -> dict[str, dict[str, Any]]:
+    sidecar = tar_path.with_suffix(".parquet")
+    if not sidecar.exists():
+        return {}
+    table = pq.read_table(sidecar)
+    if "key" not in table.column_names:
+        return {}
+    cols = [c for c in table.column_names if c not in IMAGE_COLUMN_CANDIDATES]
+    rows = table.select(cols).to_pylist()
+    return {str(r["key"]): r for r in rows if r.get("key") is not None}
+
+
+def read_parquet_file(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    """Rows of an img2dataset / HF-style parquet file, streamed batch by batch."""
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    image_col = cfg.image_column or next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
+    if image_col is None or image_col not in names:
+        raise InputError(f"{path}: no image column (looked for {cfg.image_column or IMAGE_COLUMN_CANDIDATES}); columns are {names}; set ingest.image_column")
+    caption_col = cfg.caption_column if cfg.caption_column in names else next((c for c in ("caption", "text", "txt") if c in names), None)
+    uid_col = cfg.uid_column or ("key" if "key" in names else None)
+    if uid_col is not None and uid_col not in names:
+        raise InputError(f"{path}: ingest.uid_column {uid_col!r} is not a column; columns are {names}")
+    source = f"parquet:{path.name}"
+    row_index = 0
+    for batch in pf.iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            uid = str(row[uid_col]) if uid_col and row.get(uid_col) is not None else f"{path.stem}-{row_index:08d}"
+            row_index += 1
+            value = row.get(image_col)
+            if isinstance(value, dict):  # HF datasets Image feature: {"bytes": …, "path": …}
+                value = value.get("bytes")
+            caption = row.get(caption_col) if caption_col else None
+            meta = _jsonable({k: v for k, v in row.items() if k not in (image_col, caption_col)})
+            record = RawRecord(uid=uid, source=source, image=value, caption=caption, meta=meta)
+            status = row.get("status")
+            if status is not None and status != "success":
+                record.problem = ("download_failed", f"{path.name}: uid {uid}: status={status}: {row.get('error_message') or ''}".rstrip(": "))
+            elif value is None:
+                record.problem = ("missing_image", f"{path.name}: uid {uid}: column {image_col!r} is null")
+            yield record
+
+
+def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Iterator[RawRecord]:
+    """Rows ``[start, stop)`` of a csv/tsv/jsonl list of (image path, caption)."""
+    root = Path(cfg.image_root) if cfg.image_root else path.parent
+    source = f"csv:{path.name}"
+    for index, row in enumerate(_iter_table_file(path)):
+        if index < start:
+            continue
+        if index >= stop:
+            break
+        uid = f"{path.stem}-{index:08d}"
+        if isinstance(row, str):  # a line that did not parse
+            yield RawRecord(uid=uid, source=source, meta={"line": index + 1, "text": row[:2000]}, problem=("bad_row", f"{path.name} line {index + 1}: not a JSON object"))
+            continue
+        if cfg.uid_column:
+            if row.get(cfg.uid_column) in (None, ""):
+                yield RawRecord(uid=uid, source=source, meta=_jsonable(row), problem=("bad_row", f"{path.name} row {index + 1}: empty {cfg.uid_column!r}"))
+                continue
+            uid = str(row[cfg.uid_column])
+        image_col = cfg.image_column or next((c for c in PATH_COLUMN_CANDIDATES if c in row), None)
+        caption = row.get(cfg.caption_column)
+        meta = _jsonable({k: v for k, v in row.items() if k != cfg.caption_column})
+        meta["row"] = index
+        record = RawRecord(uid=uid, source=source, caption=None if caption is None else str(caption), meta=meta)
+        rel = row.get(image_col) if image_col else None
+        if not rel:
+            record.problem = ("missing_image", f"{path.name} row {index + 1}: no image path (column {image_col or PATH_COLUMN_CANDIDATES!r})")
+        else:
+            image_path = Path(str(rel))
+            image_path = image_path if image_path.is_absolute() else root / image_path
+            try:
+                record.image = image_path.read_bytes()
+            except OSError as exc:
+                record.problem = ("missing_image", f"{path.name} row {index + 1}: cannot read {image_path}: {exc.strerror or exc}")
+        yield record
+
+
+def _iter_table_file(path: Path) -> Iterator[dict[str, Any] | str]:
+    """Rows of a csv/tsv (dicts) or jsonl (dicts, or the raw line when a line is not a JSON object)."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    yield line
+                    continue
+                yield obj if isinstance(obj, dict) else line
+        return
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        yield from csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+
+
+def _json_or_empty(raw: bytes | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"_unparsed_json": raw.decode("utf-8", errors="replace")[:2000]}
+    return obj if isinstance(obj, dict) else {"_json": obj}
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """Keep the JSON-serialisable view of a row (bytes become their length)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (bytes, bytearray)):
+            out[k] = f"<{len(v)} bytes>"
+        else:
+            out[k] = v
+    return json.loads(json.dumps(out, default=str))

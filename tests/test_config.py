@@ -1,0 +1,128 @@
+"""Config loading, overrides, validation messages, freezing and fingerprints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from grain.config import ConfigError, IngestConfig, PipelineConfig, fingerprint, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_is_the_builtin_default():
+    assert load_config(REPO / "configs" / "default.yaml") == load_config(None) == PipelineConfig()
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(None, ["ingest.num_shards=7", "ingest.synthetic.seed=3", "workdir=somewhere"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    cfg = load_config(None, ["ingest.num_shards=8", "ingest.max_side=null", "ingest.source=csv", "ingest.path=/x.csv"])
+    assert cfg.ingest.num_shards == 8 and cfg.ingest.max_side is None and cfg.ingest.source == "csv"
+
+
+@pytest.mark.parametrize(
+    "override, must_mention",
+    [
+        ("ingest.source=wds", ["ingest.source", "'synthetic'", "'webdataset'", "'csv'"]),
+        ("ingest.num_shards=0", ["ingest.num_shards", "greater than or equal to 1"]),
+        ("ingest.nmu_shards=3", ["ingest.nmu_shards", "unknown key", "num_shards"]),
+        ("ingest.synthetic.split=test", ["ingest.synthetic.split", "'swap'"]),
+        ("ingest.source=parquet", ["ingest.path is required"]),
+        ("inget.num_shards=3", ["inget", "allowed keys here", "ingest"]),
+    ],
+)
+def test_errors_name_the_key_and_the_allowed_values(override, must_mention):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    for text in must_mention:
+        assert text in str(info.value)
+
+
+def test_bad_files_are_reported_with_their_path(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("ingest: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["no-equals-sign"])
+
+
+def test_configs_are_frozen():
+    cfg = PipelineConfig()
+    with pytest.raises(ValidationError):
+        cfg.ingest.num_shards = 9  # type: ignore[misc]
+
+
+def test_fingerprint_ignores_key_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"ingest": {"num_shards": 3, "synthetic": {"seed": 4, "num_images": 10}}}))
+    b.write_text("ingest:\n  synthetic:\n    num_images: 10\n    seed: 4\n  num_shards: 3\n")
+    fa = fingerprint("ingest", load_config(a).ingest, "v1")
+    assert fa == fingerprint("ingest", load_config(b).ingest, "v1")
+
+
+def test_fingerprint_is_stable_across_processes():
+    here = fingerprint("ingest", IngestConfig(num_shards=5), "v1", {"x": [1, 2]})
+    code = "from grain.config import *; print(fingerprint('ingest', IngestConfig(num_shards=5), 'v1', {'x': [1, 2]}))"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert here == there and len(here) == 16
+
+
+def _leaves(model: BaseModel, prefix: str = ""):
+    for name, value in model:
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if value is None:
+        return "x"
+    return {"synthetic": "webdataset", "train": "single", "caption": "text"}.get(value, value + "_")
+
+
+def test_fingerprint_changes_with_every_config_value():
+    base = IngestConfig()
+    base_fp = fingerprint("ingest", base, "v1")
+    seen = {base_fp}
+    for key, value in _leaves(base):
+        data = base.model_dump()
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = _changed(value)
+        if data["source"] != "synthetic":
+            data["path"] = data["path"] or "/in"
+        fp = fingerprint("ingest", IngestConfig.model_validate(data), "v1")
+        assert fp not in seen, f"changing ingest.{key} did not change the fingerprint"
+        seen.add(fp)
+    assert fingerprint("ingest", base, "v2") != base_fp
+    assert fingerprint("ingest", base, "v1", {"inputs": ["a"]}) != base_fp
+    assert fingerprint("describe", base, "v1") != base_fp
+
+
+def test_every_config_key_is_documented():
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = [key for key, _ in _leaves(PipelineConfig()) if f"`{key.split('.')[-1]}`" not in doc]
+    assert not missing, f"docs/configuration.md does not document: {missing}"
