@@ -73,7 +73,12 @@ def input_files(cfg: IngestConfig) -> list[Path]:
 
 
 def input_signature(cfg: IngestConfig) -> dict[str, Any]:
-    """What identifies the input data for the fingerprint: each file's name, size and mtime (make-style)."""
+    """What identifies the input data for the fingerprint: each file's path, size and mtime (make-style), or the
+    synthetic world's version."""
+    if cfg.source == "synthetic":
+        from grain.data.synthetic import WORLD_VERSION
+
+        return {"synthetic_world": WORLD_VERSION}
     files = input_files(cfg)
     return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite, exactly as CI runs it (.ci/run calls this script). Sets up .venv first if needed.
+# Extra arguments go to pytest (e.g. -k shards, -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+exec .venv/bin/python -m pytest "$@"
