@@ -84,6 +84,52 @@ def ingest(
     _report(result)
 
 
+@app.command()
+def describe(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[Optional[Path], typer.Option(help="samples/ folder; default: the one ingest writes for this config.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; default <workdir>/descriptions/<fingerprint>.")] = None,
+    rank: Annotated[int, typer.Option(help="This process's rank when several processes/machines split the shards.")] = 0,
+    world_size: Annotated[int, typer.Option(help="Number of processes/machines splitting the shards.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (images/s, errors, shards done).")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each committed shard.")] = False,
+) -> None:
+    """Write region descriptions (and rewritten captions) for every image into descriptions/.
+
+    Engines (describe.engine): reference (ground-truth region texts, synthetic world), openai (an OpenAI-compatible server such as `vllm serve`, set describe.openai.base_url), transformers (in-process), vllm (offline vLLM in Ray Data on GPUs). Ray settings: ray.address, ray.actors, ray.actor_num_cpus.
+
+    Failed requests keep an error in their row and are retried on the next run; finished shards are skipped.
+    """
+    _setup_logging(verbose)
+    from grain.annotate.describe import describe as run_describe
+    from grain.annotate.describe import describe_fingerprint
+    from grain.shards import stage_dir
+
+    cfg = _load(config, set_)
+    samples_dir = samples or _samples_dir(cfg)
+    try:
+        target = out or stage_dir(cfg.workdir, "descriptions", describe_fingerprint(cfg.describe, samples_dir))
+        result = run_describe(cfg.describe, samples_dir, target, ray_cfg=cfg.ray, rank=rank, world_size=world_size, progress=progress)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _report(result)
+    if result.complete:
+        from grain.shards import iter_markers
+
+        errors = sum(m.get("errors", 0) for m in iter_markers(result.out_dir))
+        if errors:
+            typer.echo(f"  {errors} row(s) have an error (kept, with the reason in 'error'); rerun to retry them")
+
+
+def _samples_dir(cfg: PipelineConfig) -> Path:
+    from grain.data.ingest import ingest_fingerprint
+    from grain.shards import stage_dir
+
+    return stage_dir(cfg.workdir, "samples", ingest_fingerprint(cfg.ingest))
+
+
 def _report(result) -> None:  # noqa: ANN001 - a grain.shards.StageResult
     work = f"ran {len(result.shards_run)} shard(s), skipped {len(result.shards_skipped)} finished"
     typer.echo(f"{result.stage}: {work} in {result.seconds:.2f}s")

@@ -72,11 +72,105 @@ class IngestConfig(_Frozen):
         return self
 
 
+DEFAULT_DESCRIBE_PROMPT = (
+    "Look at the image and list the visual features that would help someone recognise each object in it: "
+    "distinctive parts and their colours, patterns, shapes and textures. Answer with a dash list of short "
+    "phrases (at most 10), one feature per line, such as '- a red striped head'. No other text."
+)
+DEFAULT_REWRITE_PROMPT = (
+    "Here is the original caption of the image: \"{caption}\". Write one factual sentence that describes what the "
+    "image shows, keeping the caption's names where they are correct. Answer with the sentence only."
+)
+
+
+class OpenAIEngineConfig(_Frozen):
+    """Any OpenAI-compatible chat endpoint, e.g. `vllm serve MODEL` (also how CI runs real vLLM on CPU)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Endpoint root, ending in /v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
+    concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(3, ge=0, description="Retries on connection errors, timeouts, 429 and 5xx, with backoff.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry.")
+
+
+class TransformersEngineConfig(_Frozen):
+    """In-process Hugging Face generation (small models, debugging)."""
+
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class VLLMEngineConfig(_Frozen):
+    """Offline vLLM engines inside Ray Data (ray.data.llm) — the GPU production path."""
+
+    replicas: int = Field(1, ge=1, description="vLLM engine replicas (each takes tensor_parallel_size GPUs).")
+    tensor_parallel_size: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    max_model_len: int = Field(4096, ge=128)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_pixels: int = Field(602_112, ge=3136, description="Cap on image pixels seen by the vision encoder (mm_processor_kwargs).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+
+
+class DescribeConfig(_Frozen):
+    """Describe: a frozen MLLM writes short region descriptions and a rewritten caption for every image."""
+
+    engine: Literal["reference", "openai", "transformers", "vllm"] = Field(
+        "reference",
+        description="reference: ground-truth region texts of datasets that carry them (synthetic world), recorded as "
+        "engine=reference; openai: an OpenAI-compatible server; transformers: in-process HF generate; vllm: offline "
+        "vLLM engines in Ray Data on GPUs.",
+    )
+    model: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="Model path or name (the served name for openai).")
+    prompt: str = Field(DEFAULT_DESCRIBE_PROMPT, description="The description prompt sent with each image.")
+    rewrite_caption: bool = Field(True, description="Also ask for a rewritten caption (a second request per image).")
+    rewrite_prompt: str = Field(DEFAULT_REWRITE_PROMPT, description="Caption-rewrite prompt; {caption} is filled in.")
+    max_descriptions: int = Field(10, ge=1, le=64, description="Keep at most this many descriptions per image.")
+    max_description_chars: int = Field(120, ge=8, description="Cut each description to this many characters.")
+    max_tokens: int = Field(256, ge=1, description="Generation budget per request.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+    image_max_side: int = Field(448, ge=28, description="Downscale images to this longer side before sending.")
+    retry_errors: bool = Field(True, description="On rerun, request again the rows whose request failed.")
+    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no row finishes for this long (hung engine).")
+    openai: OpenAIEngineConfig = OpenAIEngineConfig()
+    transformers: TransformersEngineConfig = TransformersEngineConfig()
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+
+    @field_validator("rewrite_prompt")
+    @classmethod
+    def _has_caption_slot(cls, v: str) -> str:
+        if "{caption}" not in v:
+            raise ValueError("rewrite_prompt must contain the placeholder {caption}")
+        return v
+
+    def engine_settings(self) -> dict[str, Any]:
+        """The part of the config that decides what the engine writes (what the fingerprint must see)."""
+        data = self.model_dump(mode="json", exclude={"openai", "transformers", "vllm", "watchdog_s", "retry_errors"})
+        if self.engine == "reference":  # no model, no prompts: only the list limits matter
+            data = {k: data[k] for k in ("engine", "max_descriptions", "max_description_chars")}
+        return data
+
+
+class RayConfig(_Frozen):
+    """Where Ray Data runs describe/ground work. Not part of any fingerprint: it changes how, not what."""
+
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://host:port: join a cluster.")
+    num_cpus: int | None = Field(None, ge=1, description="Local Ray only: CPUs to give Ray (default: all).")
+    actors: int = Field(1, ge=1, description="Engine actors (CPU engines: openai, transformers, reference).")
+    actor_num_cpus: float = Field(0.5, gt=0, description="CPUs per engine actor; fractional on small machines, or Ray deadlocks.")
+    batch_size: int = Field(16, ge=1, description="Rows per batch handed to an engine actor.")
+    object_store_mb: int | None = Field(None, ge=75, description="Local Ray only: object store size.")
+    temp_dir: str | None = Field(None, description="Local Ray only: Ray's session folder (keep the path short).")
+
+
 class PipelineConfig(_Frozen):
     """The whole pipeline. Each stage section is its own frozen model; later stages add theirs here."""
 
     workdir: str = Field("runs/default", description="Root folder of stage outputs (one subfolder per stage).")
     ingest: IngestConfig = IngestConfig()
+    describe: DescribeConfig = DescribeConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("workdir")
     @classmethod

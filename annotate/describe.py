@@ -1,0 +1,412 @@
+"""The describe stage: samples/ → descriptions/, one row per image, shard *i* from samples shard *i*.
+
+Engines (``DescribeConfig.engine``):
+
+- ``reference`` copies the ground-truth region texts of datasets that carry them (the synthetic world), in-process.
+  Every row says ``engine=reference``; it is never substituted for an MLLM silently.
+- ``openai`` / ``transformers``: Ray Data reads the unfinished samples shards, turns every image into one request
+  per prompt (descriptions, and a caption rewrite if enabled), and an actor pool of chat engines answers them.
+- ``vllm``: the same request rows go through a ``ray.data.llm`` vLLM processor (GPU).
+
+The driver streams completions back, joins them per image, parses them (grain.annotate.parse), and commits each
+shard through the shared shard runner as soon as all its images are in, in input order. A request that fails
+leaves its row with ``error`` set; on the next run such shards are redone for those rows only
+(``retry_errors``). A watchdog fails the run, leaving unfinished shards uncommitted, when no image completes for
+``watchdog_s`` seconds (a hung engine), so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from grain.annotate.parse import parse_caption, parse_descriptions
+from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
+from grain.config import DescribeConfig, RayConfig, fingerprint
+from grain.contracts import DESCRIPTIONS_SCHEMA
+from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
+
+log = logging.getLogger(__name__)
+
+STAGE = "describe"
+#: Bump when the rows written for the same input and config would change.
+CODE_VERSION = "describe/1"
+REFERENCE_MODEL = "ground-truth"
+
+
+class DescribeTimeout(RuntimeError):
+    """No image finished within ``describe.watchdog_s``: the engine is presumed hung; finished shards are kept."""
+
+
+def describe_fingerprint(cfg: DescribeConfig, samples_dir: str | Path) -> str:
+    """Fingerprint of descriptions/: what the engine writes (engine, model, prompts, limits) + the samples' fingerprint."""
+    return fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, _upstream(Path(samples_dir)))
+
+
+def _upstream(samples_dir: Path) -> dict[str, Any]:
+    output_parts(samples_dir)  # raises, naming the folder, unless ingest finished there
+    return {"samples": read_json(samples_dir / STAGE_FILE)["fingerprint"]}
+
+
+def describe(
+    cfg: DescribeConfig,
+    samples_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    ray_cfg: RayConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> StageResult:
+    """Write descriptions/ for the complete samples/ folder ``samples_dir`` into ``out_dir``."""
+    samples_dir = Path(samples_dir)
+    upstream = _upstream(samples_dir)
+    shards = [Shard(i, (str(p),)) for i, p in enumerate(output_parts(samples_dir))]
+    run = StageRun(
+        STAGE,
+        out_dir,
+        fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, upstream),
+        shards,
+        DESCRIPTIONS_SCHEMA,
+        config=cfg.model_dump(mode="json"),
+        code_version=CODE_VERSION,
+        upstream=upstream,
+        rank=rank,
+        world_size=world_size,
+        redo=(lambda marker: marker.get("retryable_errors", 0) > 0) if cfg.retry_errors else None,
+    )
+    if run.todo:
+        states = [_ShardState.load(cfg, run, shard) for shard in run.todo]
+        if cfg.engine == "reference":
+            _run_reference(cfg, run, states, progress)
+        else:
+            _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress)
+    return run.finish()
+
+
+# ------------------------------------------------------------------------------------------------ per-shard state
+
+
+@dataclass
+class _ShardState:
+    """One unfinished shard: its uids in input order, rows already good, and completions arriving."""
+
+    shard: Shard
+    uids: list[str]
+    rows: dict[str, dict[str, Any]]
+    kinds: tuple[str, ...]
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: Counter[str] = field(default_factory=Counter)
+    per_image: Counter[int] = field(default_factory=Counter)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def load(cls, cfg: DescribeConfig, run: StageRun, shard: Shard) -> _ShardState:
+        uids = pq.read_table(shard.inputs[0], columns=["uid"]).column("uid").to_pylist()
+        rows: dict[str, dict[str, Any]] = {}
+        previous = run.previous(shard)
+        if previous is not None:  # redo: keep the rows that succeeded last time
+            wanted = set(uids)
+            rows = {r["uid"]: r for r in previous.to_pylist() if r["error"] is None and r["uid"] in wanted}
+        kinds = ("describe", "rewrite") if cfg.rewrite_caption and cfg.engine != "reference" else ("describe",)
+        state = cls(shard, uids, rows, kinds)
+        state.stats["reused"] = len(rows)
+        return state
+
+    @property
+    def name(self) -> str:
+        return Path(self.shard.inputs[0]).name
+
+    def needed(self) -> set[str]:
+        return {u for u in self.uids if u not in self.rows}
+
+    def add(self, cfg: DescribeConfig, uid: str, kind: str, completion: dict[str, Any]) -> bool:
+        """Record one completion; returns True when the image has all its completions (its row is built)."""
+        got = self.pending.setdefault(uid, {})
+        got[kind] = completion
+        if len(got) < len(self.kinds):
+            return False
+        self.rows[uid] = self._build_row(cfg, uid, self.pending.pop(uid))
+        return True
+
+    def _build_row(self, cfg: DescribeConfig, uid: str, got: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        described = got["describe"]
+        rewrite = got.get("rewrite")
+        errors = [f"{kind}: {c['error']}" for kind, c in got.items() if c.get("error")]
+        descriptions = []
+        if described.get("text") is not None:
+            descriptions = parse_descriptions(described["text"], cfg.max_descriptions, cfg.max_description_chars, prompt=cfg.prompt)
+            if not descriptions:
+                self.stats["empty_replies"] += 1
+        caption = parse_caption(rewrite["text"], prompt=cfg.rewrite_prompt) if rewrite and rewrite.get("text") else None
+        for c in got.values():
+            self.stats["tokens_in"] += int(c.get("prompt_tokens") or 0)
+            self.stats["tokens_out"] += int(c.get("completion_tokens") or 0)
+        self.stats["requests"] += len(got)
+        self.per_image[len(descriptions)] += 1
+        return {
+            "uid": uid,
+            "descriptions": descriptions,
+            "caption_rewrite": caption,
+            "raw": described.get("text"),
+            "engine": cfg.engine,
+            "model": cfg.model,
+            "prompt_id": prompt_id(cfg.prompt, cfg.rewrite_prompt if cfg.rewrite_caption else None),
+            "error": "; ".join(errors) or None,
+        }
+
+    def complete(self) -> bool:
+        return len(self.rows) == len(self.uids)
+
+    def commit(self, run: StageRun) -> dict[str, Any]:
+        sink = run.sink(self.shard)
+        errors = 0
+        for uid in self.uids:
+            row = self.rows[uid]
+            errors += row["error"] is not None
+            sink.write(row)
+        stats = {
+            "rows_in": len(self.uids),
+            "errors": errors,
+            # engine failures are worth another try on the next run; reference rows without regions are not
+            "retryable_errors": sum(1 for u in self.uids if self.rows[u]["error"] and self.rows[u]["engine"] != "reference"),
+            "reused_rows": self.stats["reused"],
+            "empty_replies": self.stats["empty_replies"],
+            "requests": self.stats["requests"],
+            "tokens_in": self.stats["tokens_in"],
+            "tokens_out": self.stats["tokens_out"],
+            "descriptions_per_image": {str(k): v for k, v in sorted(self.per_image.items())},
+        }
+        return run.commit(sink, stats, time.perf_counter() - self.started)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], progress: bool) -> None:
+    """Ground-truth region texts as descriptions (deduplicated, capped like an engine's)."""
+    bar = progress_bar("describe[reference]", len(states), 0, progress)
+    for state in states:
+        table = pq.read_table(state.shard.inputs[0], columns=["uid", "regions"])
+        for uid, regions in zip(table.column("uid").to_pylist(), table.column("regions").to_pylist()):
+            if uid in state.rows:
+                continue
+            texts = [r["text"] for r in regions or []]
+            descriptions = parse_descriptions("\n".join(texts), cfg.max_descriptions, cfg.max_description_chars) if texts else []
+            state.per_image[len(descriptions)] += 1
+            state.rows[uid] = {
+                "uid": uid,
+                "descriptions": descriptions,
+                "caption_rewrite": None,
+                "raw": None,
+                "engine": "reference",
+                "model": REFERENCE_MODEL,
+                "prompt_id": "reference",
+                "error": None if regions is not None else "engine=reference: this row carries no ground-truth regions",
+            }
+        state.commit(run)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ engines on Ray
+
+
+def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
+    import ray
+
+    by_name = {s.name: s for s in states}
+    needed = {s.name: s.needed() for s in states}
+    for state in states:  # shards whose rows were all reused need no engine at all
+        if state.complete():
+            state.commit(run)
+    total = sum(len(n) for n in needed.values())
+    if total == 0:
+        return
+    started_ray = _ensure_ray(ray_cfg)
+    try:
+        ds = _request_dataset(cfg, [s.shard.inputs[0] for s in states if not s.complete()], needed)
+        if cfg.engine == "vllm":
+            from grain.annotate.engines import build_vllm_processor
+
+            completions = build_vllm_processor(cfg)(ds)
+        else:
+            completions = ds.map_batches(
+                ChatActor,
+                fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
+                batch_size=ray_cfg.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=ray_cfg.actors),
+                num_cpus=ray_cfg.actor_num_cpus,
+            )
+        bar = progress_bar(f"describe[{cfg.engine}]", total, 0, progress, unit="img")
+        done = errors = 0
+        t0 = time.perf_counter()
+        try:
+            for batch in _watched(completions.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog_s):
+                for row in batch.to_pylist():
+                    state = by_name[row["path"]]
+                    if not state.add(cfg, row["uid"], row["kind"], row):
+                        continue
+                    done += 1
+                    errors += state.rows[row["uid"]]["error"] is not None
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", errors=errors, shards=len(run.result.shards_run))
+                    if state.complete():
+                        state.commit(run)
+        finally:
+            if bar is not None:
+                bar.close()
+        missing = [s.name for s in states if not s.complete()]
+        if missing:
+            raise RuntimeError(f"describe: the engine returned no result for some rows of {missing}; rerun to finish them")
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _ensure_ray(ray_cfg: RayConfig) -> bool:
+    """Connect to ``ray.address`` or start a local Ray sized for this machine; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, **kwargs)
+    else:
+        if ray_cfg.num_cpus:
+            kwargs["num_cpus"] = ray_cfg.num_cpus
+        if ray_cfg.object_store_mb:
+            kwargs["object_store_memory"] = ray_cfg.object_store_mb * 1024 * 1024
+        if ray_cfg.temp_dir:
+            kwargs["_temp_dir"] = str(Path(ray_cfg.temp_dir).resolve())
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # grain draws its own bar over images
+    if not log.isEnabledFor(logging.INFO):  # Ray Data logs every execution plan at INFO
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    return True
+
+
+def _request_dataset(cfg: DescribeConfig, paths: list[str], needed: dict[str, set[str]]) -> Any:
+    """Ray dataset of request rows: ``uid``, ``path`` (shard file name), ``kind``, ``request`` (messages as JSON).
+
+    One input block per Parquet row group of each unfinished shard (ingest writes groups of at most 256 rows), so
+    results stream back in row-group-sized pieces and no shard waits for the others. The shard files must be
+    readable from every Ray node (a shared filesystem on a cluster).
+    """
+    import ray
+
+    chunks = [
+        {"file": path, "row_group": g}
+        for path in paths
+        for g in range(pq.ParquetFile(path).num_row_groups)
+    ]
+    wanted = {name: frozenset(uids) for name, uids in needed.items()}
+    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(_RequestBuilder(cfg, wanted))
+
+
+class _RequestBuilder:
+    """One row group → one request row per (needed image, prompt). Image *bytes* in, JSON text out (no PIL objects
+    in the object store)."""
+
+    def __init__(self, cfg: DescribeConfig, wanted: dict[str, frozenset[str]]):
+        self.cfg = cfg
+        self.wanted = wanted
+
+    def __call__(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        name = os.path.basename(chunk["file"])
+        table = pq.ParquetFile(chunk["file"]).read_row_group(chunk["row_group"], columns=["uid", "image", "caption"])
+        wanted = self.wanted.get(name, frozenset())
+        out: list[dict[str, Any]] = []
+        for row in table.to_pylist():
+            if row["uid"] in wanted:
+                out.extend(self.requests(name, row))
+        return out
+
+    def requests(self, name: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        base = {"uid": row["uid"], "path": name}
+        try:
+            url = image_data_url(row["image"], cfg.image_max_side)
+        except Exception as exc:  # noqa: BLE001 - the engine never sees it; the row records why
+            bad = json.dumps({"pre_error": f"image cannot be prepared: {type(exc).__name__}: {exc}"})
+            return [{**base, "kind": kind, "request": bad} for kind in _kinds(cfg)]
+        out = [{**base, "kind": "describe", "request": json.dumps(describe_messages(url, cfg.prompt))}]
+        if cfg.rewrite_caption:
+            out.append({**base, "kind": "rewrite", "request": json.dumps(rewrite_messages(url, row["caption"], cfg.rewrite_prompt))})
+        return out
+
+
+def _kinds(cfg: DescribeConfig) -> tuple[str, ...]:
+    return ("describe", "rewrite") if cfg.rewrite_caption else ("describe",)
+
+
+class ChatActor:
+    """Ray Data actor: request rows → completion rows, with one chat engine loaded per actor."""
+
+    def __init__(self, cfg_json: str):
+        from grain.annotate.engines import make_engine
+
+        self.cfg = DescribeConfig.model_validate_json(cfg_json)
+        self.engine = make_engine(self.cfg)
+
+    def __call__(self, batch: Any) -> dict[str, list[Any]]:
+        rows = batch.to_pylist()
+        requests = [json.loads(r["request"]) for r in rows]
+        live = [i for i, req in enumerate(requests) if not (isinstance(req, dict) and "pre_error" in req)]
+        answers = self.engine.chat([requests[i] for i in live], self.cfg.max_tokens, self.cfg.temperature)
+        by_index = dict(zip(live, answers))
+        out: dict[str, list[Any]] = {k: [] for k in ("uid", "path", "kind", "text", "error", "prompt_tokens", "completion_tokens")}
+        for i, row in enumerate(rows):
+            answer = by_index.get(i)
+            out["uid"].append(row["uid"])
+            out["path"].append(row["path"])
+            out["kind"].append(row["kind"])
+            out["text"].append(answer.text if answer else None)
+            out["error"].append(answer.error if answer else requests[i]["pre_error"])
+            out["prompt_tokens"].append(answer.prompt_tokens if answer else 0)
+            out["completion_tokens"].append(answer.completion_tokens if answer else 0)
+        return out
+
+
+def _watched(iterator: Any, timeout_s: float) -> Any:
+    """Yield from ``iterator`` (consumed in a thread); raise DescribeTimeout if nothing arrives for ``timeout_s``."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(("error", exc))
+
+    threading.Thread(target=pump, name="describe-results", daemon=True).start()
+    while True:
+        try:
+            kind, value = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise DescribeTimeout(
+                f"describe: no result for {timeout_s:.0f}s (describe.watchdog_s); the engine looks hung. Finished "
+                "shards are committed; rerun to resume the rest"
+            ) from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value

@@ -1,0 +1,241 @@
+"""Chat engines for the describe stage: one interface, ``chat(conversations) -> completions``.
+
+- ``OpenAIChatEngine``: any OpenAI-compatible endpoint (``vllm serve``…): bounded concurrency, timeouts, retries
+  with exponential backoff on connection errors, timeouts, 429 and 5xx. Failures come back as ``Completion.error``,
+  never as exceptions, so a row keeps its error instead of vanishing.
+- ``TransformersChatEngine``: Hugging Face ``generate`` in-process, one conversation at a time (debugging, tiny
+  models).
+- ``build_vllm_processor``: the GPU production path, a ``ray.data.llm`` processor running offline vLLM engines.
+
+The ``reference`` engine is not a chat engine: grain.annotate.describe copies ground-truth region texts instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from grain.annotate.prompts import Messages, decode_data_url
+from grain.config import DescribeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """One reply: ``text`` on success, ``error`` (a sentence naming the cause) on failure."""
+
+    text: str | None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ChatEngine(ABC):
+    name: str
+    model: str
+
+    @abstractmethod
+    def chat(self, conversations: list[Messages], max_tokens: int, temperature: float) -> list[Completion]:
+        """One completion per conversation, in order. Must not raise for a per-request failure."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections / memory."""
+
+
+def make_engine(cfg: DescribeConfig) -> ChatEngine:
+    if cfg.engine == "openai":
+        return OpenAIChatEngine(cfg)
+    if cfg.engine == "transformers":
+        return TransformersChatEngine(cfg)
+    raise ValueError(f"describe.engine={cfg.engine!r} has no in-process chat engine (vllm runs as a Ray Data processor)")
+
+
+# ------------------------------------------------------------------------------------------------ openai
+
+
+class OpenAIChatEngine(ChatEngine):
+    name = "openai"
+
+    def __init__(self, cfg: DescribeConfig):
+        import httpx
+
+        self.cfg = cfg.openai
+        self.model = cfg.model
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.cfg.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s)),
+            limits=httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="openai")
+
+    def chat(self, conversations: list[Messages], max_tokens: int, temperature: float) -> list[Completion]:
+        return list(self._pool.map(lambda m: self._one(m, max_tokens, temperature), conversations))
+
+    def _one(self, messages: Messages, max_tokens: int, temperature: float) -> Completion:
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        delay = self.cfg.backoff_s
+        error = "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                time.sleep(delay * (0.5 + random.random()))  # jittered exponential backoff
+                delay *= 2
+            try:
+                response = self._client.post(self._url, json=body)
+            except httpx.TimeoutException as exc:
+                error = f"timeout after {self.cfg.timeout_s}s at {self._url} ({type(exc).__name__})"
+                continue
+            except httpx.TransportError as exc:
+                error = f"cannot reach {self._url}: {type(exc).__name__}: {exc}"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                error = f"HTTP {response.status_code} from {self._url}: {response.text[:300]}"
+                continue
+            if response.status_code != 200:  # a 4xx other than 429 will not get better by retrying
+                return Completion(None, f"HTTP {response.status_code} from {self._url}: {response.text[:300]}")
+            try:
+                data = response.json()
+                text = data["choices"][0]["message"]["content"]
+                usage = data.get("usage") or {}
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                return Completion(None, f"malformed response from {self._url}: {type(exc).__name__}: {response.text[:200]}")
+            return Completion(text or "", None, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        return Completion(None, f"{error} (gave up after {self.cfg.max_retries + 1} attempts)")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+class TransformersChatEngine(ChatEngine):
+    name = "transformers"
+
+    def __init__(self, cfg: DescribeConfig):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model = cfg.model
+        self._torch = torch
+        self._device = cfg.transformers.device
+        self._processor = AutoProcessor.from_pretrained(cfg.model)
+        self._model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=getattr(torch, cfg.transformers.dtype)
+        ).to(self._device)
+        self._model.eval()
+
+    def chat(self, conversations: list[Messages], max_tokens: int, temperature: float) -> list[Completion]:
+        return [self._one(m, max_tokens, temperature) for m in conversations]
+
+    def _one(self, messages: Messages, max_tokens: int, temperature: float) -> Completion:
+        from PIL import Image
+
+        try:
+            hf_messages, images = _to_hf_messages(messages, lambda url: Image.open(io.BytesIO(decode_data_url(url))).convert("RGB"))
+            text = self._processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+            inputs = self._processor(text=[text], images=images or None, return_tensors="pt").to(self._device)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
+            if temperature > 0:
+                kwargs["temperature"] = temperature
+            with self._torch.inference_mode():
+                out = self._model.generate(**inputs, **kwargs)
+            new = out[0, inputs["input_ids"].shape[1] :]
+            reply = self._processor.decode(new, skip_special_tokens=True)
+            return Completion(reply, None, int(inputs["input_ids"].shape[1]), int(new.shape[0]))
+        except Exception as exc:  # noqa: BLE001 - a bad image or an engine failure becomes the row's error
+            return Completion(None, f"transformers engine: {type(exc).__name__}: {exc}")
+
+
+def _to_hf_messages(messages: Messages, load_image: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """OpenAI-style parts → HF chat-template parts ({"type": "image"} placeholders) plus the PIL images in order."""
+    out, images = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        parts = []
+        for part in content:
+            if part["type"] == "image_url":
+                images.append(load_image(part["image_url"]["url"]))
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        out.append({"role": message["role"], "content": parts})
+    return out, images
+
+
+# ------------------------------------------------------------------------------------------------ vllm (GPU)
+
+
+def vllm_processor_config(cfg: DescribeConfig) -> Any:
+    """The ``ray.data.llm.vLLMEngineProcessorConfig`` for the GPU path (built without needing a GPU or vLLM)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    v = cfg.vllm
+    engine_kwargs = {
+        "max_model_len": v.max_model_len,
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "gpu_memory_utilization": v.gpu_memory_utilization,
+        "limit_mm_per_prompt": {"image": 1},
+        "mm_processor_kwargs": {"max_pixels": v.max_pixels},
+        **v.engine_kwargs,
+    }
+    return vLLMEngineProcessorConfig(
+        model_source=cfg.model,
+        engine_kwargs=engine_kwargs,
+        concurrency=v.replicas,
+        batch_size=v.batch_size,
+        should_continue_on_error=True,  # a failed row gets an error column instead of failing the job
+        prepare_multimodal_stage={"enabled": True},
+        chat_template_stage={"enabled": True},
+        tokenize_stage={"enabled": True},
+        detokenize_stage={"enabled": True},
+    )
+
+
+def build_vllm_processor(cfg: DescribeConfig) -> Any:
+    """A Ray Data processor: request rows (``uid``, ``path``, ``kind``, ``request`` JSON) → completion rows."""
+    from ray.data.llm import build_processor
+
+    sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "messages": json.loads(row["request"]),
+            "sampling_params": sampling,
+            "uid": row["uid"],
+            "path": row["path"],
+            "kind": row["kind"],
+        }
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        error = row.get("__inference_error__") or None
+        return {
+            "uid": row["uid"],
+            "path": row["path"],
+            "kind": row["kind"],
+            "text": None if error else row.get("generated_text", ""),
+            "error": f"vllm: {error}" if error else None,
+            "prompt_tokens": int(row.get("num_input_tokens") or 0),
+            "completion_tokens": int(row.get("num_generated_tokens") or 0),
+        }
+
+    return build_processor(vllm_processor_config(cfg), preprocess=preprocess, postprocess=postprocess)
