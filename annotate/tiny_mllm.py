@@ -368,20 +368,10 @@ def build_tiny_qwen2vl(out_dir: str | Path, seed: int = 0) -> Path:
     )
     model.save_pretrained(out, safe_serialization=True)
 
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
+    # image and video processors must agree on the patch grid the vision tower was built for
+    grid = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    image_processor = Qwen2VLImageProcessorPil(**grid)
+    video_processor = Qwen2VLVideoProcessor(**grid)
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

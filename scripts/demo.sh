@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: the built-in synthetic world through the pipeline.
-# Extra arguments are passed to `grain ingest` (e.g. --set ingest.synthetic.num_images=500).
+# Extra arguments are passed to each stage (e.g. --set ingest.synthetic.num_images=500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/grain ingest --config configs/default.yaml "$@"
+.venv/bin/grain ingest --config configs/default.yaml "$@"
+.venv/bin/grain describe --config configs/default.yaml "$@"

@@ -258,3 +258,20 @@ def test_vllm_processor_builds_without_a_gpu(tiny_mllm_dir):
     assert kwargs["model"] == str(tiny_mllm_dir)
     assert kwargs["engine_kwargs"]["limit_mm_per_prompt"] == {"image": 1}
     assert kwargs["engine_kwargs"]["enforce_eager"] is True
+
+
+def test_an_image_the_engine_cannot_take_keeps_its_row_with_the_reason(vllm_server, tmp_path):
+    good = encode(gradient_image(48, 40), "PNG")
+
+    def process(shard, sink):
+        for i, data in enumerate([good, b"\x89PNG\r\n\x1a\n-broken-", good]):
+            sink.write({"uid": f"u{i}", "image": data, "width": 48, "height": 40, "caption": "a thing", "source": "t",
+                        "meta": "{}", "label": None, "regions": None})
+        return {"rows_in": 3}
+
+    run_stage("ingest", tmp_path / "s", "fp", [Shard(0)], process, SAMPLES_SCHEMA)
+    result = describe(openai_cfg(vllm_server), tmp_path / "s", tmp_path / "d", ray_cfg=RAY)
+    rows = {r["uid"]: r for r in read_table(tmp_path / "d").to_pylist()}
+    assert list(rows) == ["u0", "u1", "u2"] and result.complete
+    assert rows["u0"]["error"] is None and rows["u2"]["error"] is None
+    assert "image cannot be prepared" in rows["u1"]["error"] and rows["u1"]["descriptions"] == []
