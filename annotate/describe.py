@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import pyarrow.parquet as pq
 
 from grain.annotate.parse import parse_caption, parse_descriptions
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
+from grain.annotate.streaming import EngineTimeout, actor_pool, ray_session, row_group_chunks, stream_results
 from grain.config import DescribeConfig, RayConfig, fingerprint
 from grain.contracts import DESCRIPTIONS_SCHEMA
 from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
@@ -44,8 +43,8 @@ CODE_VERSION = "describe/1"
 REFERENCE_MODEL = "ground-truth"
 
 
-class DescribeTimeout(RuntimeError):
-    """No image finished within ``describe.watchdog_s``: the engine is presumed hung; finished shards are kept."""
+#: Raised when no image finishes within ``describe.watchdog_s`` (a hung engine); finished shards are kept.
+DescribeTimeout = EngineTimeout
 
 
 def describe_fingerprint(cfg: DescribeConfig, samples_dir: str | Path) -> str:
@@ -118,8 +117,7 @@ class _ShardState:
         if previous is not None:  # redo: keep the rows that succeeded last time
             wanted = set(uids)
             rows = {r["uid"]: r for r in previous.to_pylist() if r["error"] is None and r["uid"] in wanted}
-        kinds = ("describe", "rewrite") if cfg.rewrite_caption and cfg.engine != "reference" else ("describe",)
-        state = cls(shard, uids, rows, kinds)
+        state = cls(shard, uids, rows, _kinds(cfg))
         state.stats["reused"] = len(rows)
         return state
 
@@ -225,99 +223,45 @@ def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState]
 
 
 def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
-    import ray
-
     by_name = {s.name: s for s in states}
-    needed = {s.name: s.needed() for s in states}
     for state in states:  # shards whose rows were all reused need no engine at all
         if state.complete():
             state.commit(run)
-    total = sum(len(n) for n in needed.values())
+    pending = [s for s in states if not s.complete()]
+    total = sum(len(s.needed()) for s in pending)
     if total == 0:
         return
-    started_ray = _ensure_ray(ray_cfg)
-    try:
-        ds = _request_dataset(cfg, [s.shard.inputs[0] for s in states if not s.complete()], needed)
+    wanted = {s.name: frozenset(s.needed()) for s in pending}
+    with ray_session(ray_cfg):
         if cfg.engine == "vllm":
             from grain.annotate.engines import build_vllm_processor
 
-            completions = build_vllm_processor(cfg)(ds)
+            engine = build_vllm_processor(cfg)
         else:
-            completions = ds.map_batches(
-                ChatActor,
-                fn_constructor_kwargs={"cfg_json": cfg.model_dump_json()},
-                batch_size=ray_cfg.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=ray_cfg.actors),
-                num_cpus=ray_cfg.actor_num_cpus,
-            )
+            engine = actor_pool(ChatActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg)
+        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
         bar = progress_bar(f"describe[{cfg.engine}]", total, 0, progress, unit="img")
         done = errors = 0
         t0 = time.perf_counter()
         try:
-            for batch in _watched(completions.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog_s):
-                for row in batch.to_pylist():
+            for rows in stream_results(chunks, _RequestBuilder(cfg, wanted), engine, watchdog_s=cfg.watchdog_s, watchdog_key="describe.watchdog_s"):
+                for row in rows:
                     state = by_name[row["path"]]
                     if not state.add(cfg, row["uid"], row["kind"], row):
                         continue
                     done += 1
                     errors += state.rows[row["uid"]]["error"] is not None
+                    if state.complete():
+                        state.commit(run)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", errors=errors, shards=len(run.result.shards_run))
-                    if state.complete():
-                        state.commit(run)
         finally:
             if bar is not None:
                 bar.close()
-        missing = [s.name for s in states if not s.complete()]
-        if missing:
-            raise RuntimeError(f"describe: the engine returned no result for some rows of {missing}; rerun to finish them")
-    finally:
-        if started_ray:
-            ray.shutdown()
-
-
-def _ensure_ray(ray_cfg: RayConfig) -> bool:
-    """Connect to ``ray.address`` or start a local Ray sized for this machine; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if ray_cfg.address:
-        ray.init(address=ray_cfg.address, **kwargs)
-    else:
-        if ray_cfg.num_cpus:
-            kwargs["num_cpus"] = ray_cfg.num_cpus
-        if ray_cfg.object_store_mb:
-            kwargs["object_store_memory"] = ray_cfg.object_store_mb * 1024 * 1024
-        if ray_cfg.temp_dir:
-            kwargs["_temp_dir"] = str(Path(ray_cfg.temp_dir).resolve())
-        ray.init(**kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # grain draws its own bar over images
-    if not log.isEnabledFor(logging.INFO):  # Ray Data logs every execution plan at INFO
-        logging.getLogger("ray").setLevel(logging.WARNING)
-    return True
-
-
-def _request_dataset(cfg: DescribeConfig, paths: list[str], needed: dict[str, set[str]]) -> Any:
-    """Ray dataset of request rows: ``uid``, ``path`` (shard file name), ``kind``, ``request`` (messages as JSON).
-
-    One input block per Parquet row group of each unfinished shard (ingest writes groups of at most 256 rows), so
-    results stream back in row-group-sized pieces and no shard waits for the others. The shard files must be
-    readable from every Ray node (a shared filesystem on a cluster).
-    """
-    import ray
-
-    chunks = [
-        {"file": path, "row_group": g}
-        for path in paths
-        for g in range(pq.ParquetFile(path).num_row_groups)
-    ]
-    wanted = {name: frozenset(uids) for name, uids in needed.items()}
-    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).flat_map(_RequestBuilder(cfg, wanted))
+    missing = [s.name for s in pending if not s.complete()]
+    if missing:
+        raise RuntimeError(f"describe: the engine returned no result for some rows of {missing}; rerun to finish them")
 
 
 class _RequestBuilder:
@@ -382,31 +326,3 @@ class ChatActor:
             out["prompt_tokens"].append(answer.prompt_tokens if answer else 0)
             out["completion_tokens"].append(answer.completion_tokens if answer else 0)
         return out
-
-
-def _watched(iterator: Any, timeout_s: float) -> Any:
-    """Yield from ``iterator`` (consumed in a thread); raise DescribeTimeout if nothing arrives for ``timeout_s``."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
-
-    def pump() -> None:
-        try:
-            for item in iterator:
-                q.put(("item", item))
-            q.put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(("error", exc))
-
-    threading.Thread(target=pump, name="describe-results", daemon=True).start()
-    while True:
-        try:
-            kind, value = q.get(timeout=timeout_s)
-        except queue.Empty:
-            raise DescribeTimeout(
-                f"describe: no result for {timeout_s:.0f}s (describe.watchdog_s); the engine looks hung. Finished "
-                "shards are committed; rerun to resume the rest"
-            ) from None
-        if kind == "end":
-            return
-        if kind == "error":
-            raise value
-        yield value

@@ -152,6 +152,32 @@ class DescribeConfig(_Frozen):
         return data
 
 
+class GroundConfig(_Frozen):
+    """Ground: a detector (OWLv2) finds a box for each description of each image."""
+
+    engine: Literal["reference", "owlv2"] = Field(
+        "reference",
+        description="reference: the dataset's ground-truth boxes (synthetic world), score 1; owlv2: "
+        "transformers Owlv2ForObjectDetection with each image's descriptions as text queries.",
+    )
+    model: str = Field("google/owlv2-base-patch16-ensemble", description="OWLv2 checkpoint path or hub name.")
+    threshold: float = Field(0.3, ge=0.0, le=1.0, description="Keep boxes scoring at least this (authors: 0.3).")
+    top_k_per_description: int = Field(1, ge=1, description="Boxes kept per description (best first).")
+    top_k_per_image: int = Field(10, ge=1, description="Boxes kept per image (best first); train keeps its own top-5.")
+    nms_iou: float | None = Field(None, gt=0.0, le=1.0, description="Class-aware NMS IoU; null = none (as the authors).")
+    batch_size: int = Field(8, ge=1, description="Images per detector forward pass.")
+    device: str = Field("cpu", description="torch device for the detector, e.g. cuda.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    retry_errors: bool = Field(True, description="On rerun, ground again the rows whose grounding failed.")
+    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no image finishes for this long.")
+
+    def engine_settings(self) -> dict[str, Any]:
+        """What decides the boxes written (the fingerprint sees this, not device, batching or retries)."""
+        if self.engine == "reference":
+            return {"engine": "reference"}
+        return self.model_dump(mode="json", exclude={"batch_size", "device", "retry_errors", "watchdog_s"})
+
+
 class RayConfig(_Frozen):
     """Where Ray Data runs describe/ground work. Not part of any fingerprint: it changes how, not what."""
 
@@ -160,6 +186,7 @@ class RayConfig(_Frozen):
     actors: int = Field(1, ge=1, description="Engine actors (CPU engines: openai, transformers, reference).")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs per engine actor; fractional on small machines, or Ray deadlocks.")
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to an engine actor.")
+    calls_per_actor: int = Field(2, ge=1, description="Batches an actor works on at once (overlaps one batch's tail with the next).")
     object_store_mb: int | None = Field(None, ge=75, description="Local Ray only: object store size.")
     temp_dir: str | None = Field(None, description="Local Ray only: Ray's session folder (keep the path short).")
 
@@ -170,6 +197,7 @@ class PipelineConfig(_Frozen):
     workdir: str = Field("runs/default", description="Root folder of stage outputs (one subfolder per stage).")
     ingest: IngestConfig = IngestConfig()
     describe: DescribeConfig = DescribeConfig()
+    ground: GroundConfig = GroundConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("workdir")

@@ -1,0 +1,129 @@
+"""Ray Data plumbing shared by the annotation stages (describe, ground).
+
+A stage hands over the Parquet shards it still has to process; they are split into one input block per row group
+(ingest writes ≤ 256 rows per group), a ``builder`` turns each row group into request rows on Ray workers, an
+``engine`` (an actor pool, or a ``ray.data.llm`` processor) answers them, and the driver receives the result rows
+as a stream, so each shard can be committed as soon as its rows are in. A watchdog turns a hung engine into an
+error instead of a hung pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from grain.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+class EngineTimeout(RuntimeError):
+    """No result arrived within the stage's watchdog time: the engine is presumed hung."""
+
+
+@contextmanager
+def ray_session(ray_cfg: RayConfig) -> Iterator[None]:
+    """Use the running Ray, or connect to ``ray.address``, or start a local Ray (and stop it afterwards)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, **kwargs)
+    else:
+        if ray_cfg.num_cpus:
+            kwargs["num_cpus"] = ray_cfg.num_cpus
+        if ray_cfg.object_store_mb:
+            kwargs["object_store_memory"] = ray_cfg.object_store_mb * 1024 * 1024
+        if ray_cfg.temp_dir:
+            kwargs["_temp_dir"] = str(Path(ray_cfg.temp_dir).resolve())
+        ray.init(**kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the stage draws its own bar
+    if not logging.getLogger("grain").isEnabledFor(logging.INFO):  # Ray Data logs every plan at INFO
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def row_group_chunks(paths: list[str]) -> list[dict[str, Any]]:
+    """One work item per (file, row group); a builder reads exactly that group."""
+    return [{"file": path, "row_group": g} for path in paths for g in range(pq.ParquetFile(path).num_row_groups)]
+
+
+def actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any], ray_cfg: RayConfig, num_gpus: float = 0) -> Callable[[Any], Any]:
+    """An engine step: ``map_batches`` through a pool of ``ray.actors`` actors with fractional CPUs (no deadlock
+    on small machines) and GPUs when asked."""
+
+    def apply(ds: Any) -> Any:
+        import ray
+
+        kwargs: dict[str, Any] = {"num_cpus": ray_cfg.actor_num_cpus}
+        if num_gpus:
+            kwargs["num_gpus"] = num_gpus
+        return ds.map_batches(
+            actor_cls,
+            fn_constructor_kwargs=constructor_kwargs,
+            batch_size=ray_cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=ray_cfg.actors, max_concurrent_calls_per_actor=ray_cfg.calls_per_actor),
+            **kwargs,
+        )
+
+    return apply
+
+
+def stream_results(
+    chunks: list[dict[str, Any]],
+    builder: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    engine: Callable[[Any], Any],
+    *,
+    watchdog_s: float,
+    watchdog_key: str,
+) -> Iterator[list[dict[str, Any]]]:
+    """Result rows, a batch at a time, as the engine produces them. Raises EngineTimeout naming ``watchdog_key``
+    when nothing arrives for ``watchdog_s`` seconds."""
+    import ray
+
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).flat_map(builder)
+    results = engine(ds)
+    for batch in _watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), watchdog_s, watchdog_key):
+        yield batch.to_pylist()
+
+
+def _watched(iterator: Any, timeout_s: float, key: str) -> Iterator[Any]:
+    """Yield from ``iterator`` (consumed in a thread); raise EngineTimeout if nothing arrives for ``timeout_s``."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(("error", exc))
+
+    threading.Thread(target=pump, name="stage-results", daemon=True).start()
+    while True:
+        try:
+            kind, value = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise EngineTimeout(
+                f"no result for {timeout_s:.0f}s ({key}); the engine looks hung. Finished shards are committed; "
+                "rerun to resume the rest"
+            ) from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
