@@ -103,13 +103,11 @@ def describe(
     """
     _setup_logging(verbose)
     from grain.annotate.describe import describe as run_describe
-    from grain.annotate.describe import describe_fingerprint
-    from grain.shards import stage_dir
 
     cfg = _load(config, set_)
     samples_dir = samples or _samples_dir(cfg)
     try:
-        target = out or stage_dir(cfg.workdir, "descriptions", describe_fingerprint(cfg.describe, samples_dir))
+        target = out or _descriptions_dir(cfg, samples_dir)
         result = run_describe(cfg.describe, samples_dir, target, ray_cfg=cfg.ray, rank=rank, world_size=world_size, progress=progress)
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -121,6 +119,97 @@ def describe(
         errors = sum(m.get("errors", 0) for m in iter_markers(result.out_dir))
         if errors:
             typer.echo(f"  {errors} row(s) have an error (kept, with the reason in 'error'); rerun to retry them")
+
+
+@app.command()
+def ground(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[Optional[Path], typer.Option(help="samples/ folder; default: the one ingest writes for this config.")] = None,
+    descriptions: Annotated[Optional[Path], typer.Option(help="descriptions/ folder; default: the one describe writes for this config.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder; default <workdir>/regions/<fingerprint>.")] = None,
+    rank: Annotated[int, typer.Option(help="This process's rank when several processes/machines split the shards.")] = 0,
+    world_size: Annotated[int, typer.Option(help="Number of processes/machines splitting the shards.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (images/s, shards done).")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each committed shard.")] = False,
+) -> None:
+    """Find a box for every description of every image (regions/).
+
+    Engines (ground.engine): reference (ground-truth boxes of the synthetic world, score 1) or owlv2 (OWLv2 with each image's descriptions as text queries; ground.model, ground.threshold, ground.top_k_per_description, ground.top_k_per_image, ground.nms_iou, ground.device).
+
+    Boxes are stored as [x0, y0, x1, y1] normalised to the original image. Per-shard QA stats land in the markers; see them with `grain stats` and look at boxes with `grain inspect`.
+    """
+    _setup_logging(verbose)
+    from grain.annotate.ground import ground as run_ground
+    from grain.annotate.ground import ground_fingerprint
+    from grain.shards import stage_dir
+
+    cfg = _load(config, set_)
+    samples_dir = samples or _samples_dir(cfg)
+    try:
+        descriptions_dir = descriptions or _descriptions_dir(cfg, samples_dir)
+        target = out or stage_dir(cfg.workdir, "regions", ground_fingerprint(cfg.ground, samples_dir, descriptions_dir))
+        result = run_ground(cfg.ground, samples_dir, descriptions_dir, target, ray_cfg=cfg.ray, rank=rank, world_size=world_size, progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _report(result)
+    if result.complete:
+        from grain.shards import iter_markers
+
+        markers = list(iter_markers(result.out_dir))
+        described = sum(m["descriptions"] for m in markers)
+        grounded = sum(m["descriptions_grounded"] for m in markers)
+        boxes = sum(m["boxes"] for m in markers)
+        typer.echo(f"  {boxes} boxes; {grounded}/{described} descriptions grounded" + (f" ({grounded / described:.0%})" if described else ""))
+
+
+@app.command()
+def inspect(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[Optional[Path], typer.Option(help="samples/ folder; default: the one ingest writes for this config.")] = None,
+    regions: Annotated[Optional[Path], typer.Option(help="regions/ folder; default: the one ground writes for this config.")] = None,
+    ground_truth: Annotated[bool, typer.Option("--ground-truth", help="Draw the samples' own ground-truth regions instead of regions/.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write; default <workdir>/inspect/<regions fingerprint>.png.")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images on the sheet.")] = 16,
+    columns: Annotated[int, typer.Option(help="Images per row.")] = 4,
+    cell: Annotated[int, typer.Option(help="Cell size in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Which images: a seeded sample.")] = 0,
+    min_score: Annotated[float, typer.Option(help="Hide boxes scoring below this.")] = 0.0,
+) -> None:
+    """Render a contact sheet PNG: sample images with their boxes and description labels, for checking annotations."""
+    from grain.annotate.inspect_sheet import render_contact_sheet
+
+    cfg = _load(config, set_)
+    samples_dir = samples or _samples_dir(cfg)
+    try:
+        regions_dir = None
+        if not ground_truth:
+            regions_dir = regions or _regions_dir(cfg, samples_dir)
+        name = regions_dir.name if regions_dir is not None else f"ground-truth-{samples_dir.name}"
+        target = out or Path(cfg.workdir) / "inspect" / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = render_contact_sheet(samples_dir, regions_dir, target, n=n, columns=columns, cell=cell, seed=seed, min_score=min_score)
+    except (FileNotFoundError, ValueError, LookupError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
+def _regions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
+    from grain.annotate.ground import ground_fingerprint
+    from grain.shards import stage_dir
+
+    descriptions_dir = _descriptions_dir(cfg, samples_dir)
+    return stage_dir(cfg.workdir, "regions", ground_fingerprint(cfg.ground, samples_dir, descriptions_dir))
+
+
+def _descriptions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
+    from grain.annotate.describe import describe_fingerprint
+    from grain.shards import stage_dir
+
+    return stage_dir(cfg.workdir, "descriptions", describe_fingerprint(cfg.describe, samples_dir))
 
 
 def _samples_dir(cfg: PipelineConfig) -> Path:

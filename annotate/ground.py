@@ -1,0 +1,367 @@
+"""The ground stage: samples/ + descriptions/ → regions/, one row per image, shard *i* from shard *i*.
+
+- ``reference`` copies the dataset's ground-truth regions (synthetic world) with score 1, in-process.
+- ``owlv2``: every image's descriptions are OWLv2 text queries (``Owlv2ForObjectDetection``), batched across
+  images with ragged query lists, run by an actor pool over Ray Data (GPU actors when ``ground.device`` is a
+  CUDA device). Boxes are mapped from the processor's padded square back to the original image
+  (grain.annotate.boxes), filtered by ``threshold``, kept ``top_k_per_description`` / ``top_k_per_image`` best
+  first, optionally class-aware NMS'd.
+
+Nothing is dropped: a row without descriptions gets ``regions=[]``; one whose image or detector call fails keeps
+``error`` (and is retried on the next run). Per-shard markers carry QA stats: descriptions grounded, boxes per
+image, score and box-area histograms, truncated queries.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from grain.annotate.streaming import EngineTimeout, actor_pool, ray_session, row_group_chunks, stream_results
+from grain.config import GroundConfig, RayConfig, fingerprint
+from grain.contracts import REGIONS_SCHEMA
+from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
+
+log = logging.getLogger(__name__)
+
+STAGE = "ground"
+CODE_VERSION = "ground/1"
+#: Raised when no image finishes within ``ground.watchdog_s``.
+GroundTimeout = EngineTimeout
+SCORE_BINS = np.linspace(0.0, 1.0, 11)
+AREA_BINS = np.array([0.0, 0.01, 0.03, 0.1, 0.3, 1.0])
+
+
+def ground_fingerprint(cfg: GroundConfig, samples_dir: str | Path, descriptions_dir: str | Path) -> str:
+    return fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, _upstream(Path(samples_dir), Path(descriptions_dir)))
+
+
+def _upstream(samples_dir: Path, descriptions_dir: Path) -> dict[str, Any]:
+    upstream = {}
+    for name, folder in (("samples", samples_dir), ("descriptions", descriptions_dir)):
+        output_parts(folder)  # raises, naming the folder, unless that stage finished there
+        upstream[name] = read_json(folder / STAGE_FILE)["fingerprint"]
+    return upstream
+
+
+def ground(
+    cfg: GroundConfig,
+    samples_dir: str | Path,
+    descriptions_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    ray_cfg: RayConfig | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> StageResult:
+    """Write regions/ for complete samples/ and descriptions/ folders into ``out_dir``."""
+    samples_dir, descriptions_dir = Path(samples_dir), Path(descriptions_dir)
+    upstream = _upstream(samples_dir, descriptions_dir)
+    samples_parts = output_parts(samples_dir)
+    description_parts = output_parts(descriptions_dir)
+    if len(samples_parts) != len(description_parts):
+        raise ValueError(
+            f"{descriptions_dir} has {len(description_parts)} shards but {samples_dir} has {len(samples_parts)}; "
+            "descriptions must come from these samples"
+        )
+    shards = [Shard(i, (str(s), str(d))) for i, (s, d) in enumerate(zip(samples_parts, description_parts))]
+    run = StageRun(
+        STAGE, out_dir, fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, upstream), shards, REGIONS_SCHEMA,
+        config=cfg.model_dump(mode="json"), code_version=CODE_VERSION, upstream=upstream, rank=rank,
+        world_size=world_size, redo=(lambda m: m.get("errors", 0) > 0) if cfg.retry_errors else None,
+    )
+    if run.todo:
+        states = [_ShardState.load(run, shard) for shard in run.todo]
+        if cfg.engine == "reference":
+            _run_reference(run, states, progress)
+        else:
+            _run_owl(cfg, run, states, ray_cfg or RayConfig(), progress)
+    return run.finish()
+
+
+# ------------------------------------------------------------------------------------------------ per-shard state
+
+
+class _ShardState:
+    def __init__(self, shard: Shard, uids: list[str], rows: dict[str, dict[str, Any]]):
+        self.shard = shard
+        self.uids = uids
+        self.rows = rows
+        self.reused = len(rows)
+        self.stats: Counter[str] = Counter()
+        self.started = time.perf_counter()
+
+    @classmethod
+    def load(cls, run: StageRun, shard: Shard) -> _ShardState:
+        uids = pq.read_table(shard.inputs[0], columns=["uid"]).column("uid").to_pylist()
+        described = pq.read_table(shard.inputs[1], columns=["uid"]).column("uid").to_pylist()
+        if described != uids:
+            raise ValueError(f"{shard.inputs[1]} does not hold the rows of {shard.inputs[0]} in the same order")
+        rows: dict[str, dict[str, Any]] = {}
+        previous = run.previous(shard)
+        if previous is not None:
+            rows = {r["uid"]: r for r in previous.to_pylist() if r["error"] is None}
+        return cls(shard, uids, rows)
+
+    @property
+    def name(self) -> str:
+        return Path(self.shard.inputs[0]).name
+
+    def needed(self) -> frozenset[str]:
+        return frozenset(u for u in self.uids if u not in self.rows)
+
+    def complete(self) -> bool:
+        return len(self.rows) == len(self.uids)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["uid"]] = {"uid": row["uid"], "regions": row["regions"], "error": row["error"]}
+        for key in ("descriptions", "grounded", "truncated_queries"):
+            self.stats[key] += int(row.get(key) or 0)
+
+    def commit(self, run: StageRun) -> dict[str, Any]:
+        sink = run.sink(self.shard)
+        scores, areas, per_image = [], [], Counter()
+        errors = empty = 0
+        for uid in self.uids:
+            row = self.rows[uid]
+            sink.write(row)
+            errors += row["error"] is not None
+            empty += not row["regions"] and row["error"] is None
+            per_image[min(len(row["regions"]), 10)] += 1
+            for r in row["regions"]:
+                scores.append(r["score"])
+                x0, y0, x1, y1 = r["box"]
+                areas.append(max(0.0, x1 - x0) * max(0.0, y1 - y0))
+        stats = {
+            "rows_in": len(self.uids),
+            "errors": errors,
+            "reused_rows": self.reused,
+            "images_without_boxes": empty,
+            "boxes": len(scores),
+            "descriptions": self.stats["descriptions"],
+            "descriptions_grounded": self.stats["grounded"],
+            "grounded_fraction": round(self.stats["grounded"] / self.stats["descriptions"], 4) if self.stats["descriptions"] else None,
+            "truncated_queries": self.stats["truncated_queries"],
+            "boxes_per_image": {("10+" if k == 10 else str(k)): v for k, v in sorted(per_image.items())},
+            "score_histogram": _histogram(scores, SCORE_BINS),
+            "box_area_histogram": _histogram(areas, AREA_BINS),
+        }
+        return run.commit(sink, stats, time.perf_counter() - self.started)
+
+
+def _histogram(values: list[float], bins: np.ndarray) -> dict[str, int]:
+    counts, edges = np.histogram(np.clip(values, bins[0], bins[-1]), bins=bins)
+    return {f"{edges[i]:.2f}-{edges[i + 1]:.2f}": int(c) for i, c in enumerate(counts)}
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def _run_reference(run: StageRun, states: list[_ShardState], progress: bool) -> None:
+    bar = progress_bar("ground[reference]", len(states), 0, progress)
+    for state in states:
+        samples = pq.read_table(state.shard.inputs[0], columns=["uid", "regions"]).to_pylist()
+        descriptions = pq.read_table(state.shard.inputs[1], columns=["descriptions"]).column("descriptions").to_pylist()
+        for sample, texts in zip(samples, descriptions):
+            if sample["uid"] in state.rows:
+                continue
+            truth = sample["regions"]
+            regions = [{"text": r["text"], "box": r["box"], "score": 1.0} for r in truth or []]
+            grounded = {r["text"] for r in regions}
+            state.add({
+                "uid": sample["uid"],
+                "regions": regions,
+                "error": None if truth is not None else "engine=reference: this row carries no ground-truth regions",
+                "descriptions": len(texts),
+                "grounded": sum(1 for t in texts if t in grounded),
+            })
+        state.commit(run)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ OWLv2 on Ray
+
+
+def _run_owl(cfg: GroundConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
+    by_name = {s.name: s for s in states}
+    for state in states:
+        if state.complete():
+            state.commit(run)
+    pending = [s for s in states if not s.complete()]
+    total = sum(len(s.needed()) for s in pending)
+    if not total:
+        return
+    wanted = {s.name: s.needed() for s in pending}
+    descriptions_of = {s.name: s.shard.inputs[1] for s in pending}
+    with ray_session(ray_cfg):
+        gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
+        engine = actor_pool(OwlActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg, num_gpus=gpus)
+        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
+        bar = progress_bar("ground[owlv2]", total, 0, progress, unit="img")
+        t0 = time.perf_counter()
+        done = 0
+        try:
+            for rows in stream_results(chunks, _ImageRows(wanted, descriptions_of), engine, watchdog_s=cfg.watchdog_s, watchdog_key="ground.watchdog_s"):
+                for row in rows:
+                    state = by_name[row["path"]]
+                    state.add(row)
+                    done += 1
+                    if state.complete():
+                        state.commit(run)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", shards=len(run.result.shards_run))
+        finally:
+            if bar is not None:
+                bar.close()
+    missing = [s.name for s in pending if not s.complete()]
+    if missing:
+        raise RuntimeError(f"ground: the detector returned no result for some rows of {missing}; rerun to finish them")
+
+
+class _ImageRows:
+    """A samples row group → rows of (uid, path, image bytes, width, height, descriptions) for the needed uids."""
+
+    def __init__(self, wanted: dict[str, frozenset[str]], descriptions_of: dict[str, str]):
+        self.wanted = wanted
+        self.descriptions_of = descriptions_of
+
+    def __call__(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        name = os.path.basename(chunk["file"])
+        wanted = self.wanted.get(name, frozenset())
+        table = pq.ParquetFile(chunk["file"]).read_row_group(chunk["row_group"], columns=["uid", "image", "width", "height"])
+        rows = [r for r in table.to_pylist() if r["uid"] in wanted]
+        if not rows:
+            return []
+        described = pq.read_table(self.descriptions_of[name], columns=["uid", "descriptions"])
+        texts = dict(zip(described.column("uid").to_pylist(), described.column("descriptions").to_pylist()))
+        return [{**r, "path": name, "descriptions": texts.get(r["uid"]) or []} for r in rows]
+
+
+class OwlActor:
+    """Ray Data actor: image rows → region rows, with one OWLv2 loaded per actor."""
+
+    def __init__(self, cfg_json: str):
+        self.cfg = GroundConfig.model_validate_json(cfg_json)
+        self.detector = OwlDetector(self.cfg)
+
+    def __call__(self, batch: Any) -> dict[str, list[Any]]:
+        rows = batch.to_pylist()
+        out: dict[str, list[Any]] = {k: [] for k in ("uid", "path", "regions", "error", "descriptions", "grounded", "truncated_queries")}
+        for start in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[start : start + self.cfg.batch_size]
+            for row, result in zip(chunk, self.detector.detect(chunk)):
+                out["uid"].append(row["uid"])
+                out["path"].append(row["path"])
+                for key in ("regions", "error", "descriptions", "grounded", "truncated_queries"):
+                    out[key].append(result[key])
+        return out
+
+
+class OwlDetector:
+    """OWLv2 over a batch of images with ragged query lists; boxes in the project frame (normalised original xyxy)."""
+
+    def __init__(self, cfg: GroundConfig):
+        import torch
+        from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+        self.cfg = cfg
+        self.torch = torch
+        self.processor = Owlv2Processor.from_pretrained(cfg.model)
+        self.model = Owlv2ForObjectDetection.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype)).to(cfg.device).eval()
+        self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
+
+    def detect(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One result per row: ``regions`` (list of {text, box, score}), ``error``, and QA counts."""
+        from PIL import Image
+
+        results: list[dict[str, Any] | None] = [None] * len(rows)
+        images, queries, index = [], [], []
+        for i, row in enumerate(rows):
+            texts = list(row["descriptions"])
+            if not texts:
+                results[i] = _result([], None, 0, 0, 0)
+                continue
+            try:
+                image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            except Exception as exc:  # noqa: BLE001 - recorded in the row
+                results[i] = _result([], f"image cannot be decoded: {type(exc).__name__}: {exc}", len(texts), 0, 0)
+                continue
+            images.append(image)
+            queries.append(texts)
+            index.append(i)
+        if images:
+            try:
+                for i, regions, truncated in zip(index, self._forward(images, queries), self._truncated(queries)):
+                    texts = rows[i]["descriptions"]
+                    grounded = len({r["text"] for r in regions})
+                    results[i] = _result(regions, None, len(texts), grounded, truncated)
+            except Exception as exc:  # noqa: BLE001 - a detector failure is the rows' error; rerun retries them
+                for i in index:
+                    results[i] = _result([], f"owlv2: {type(exc).__name__}: {exc}", len(rows[i]["descriptions"]), 0, 0)
+        return [r for r in results if r is not None]
+
+    def _truncated(self, queries: list[list[str]]) -> list[int]:
+        tok = self.processor.tokenizer
+        return [sum(1 for t in texts if len(tok(t)["input_ids"]) > self.max_tokens) for texts in queries]
+
+    def _forward(self, images: list[Any], queries: list[list[str]]) -> list[list[dict[str, Any]]]:
+        from grain.annotate.boxes import owl_to_original
+
+        torch = self.torch
+        width = max(len(q) for q in queries)
+        padded = [q + [" "] * (width - len(q)) for q in queries]  # OWLv2 takes the same number of queries per image
+        inputs = self.processor(text=padded, images=images, return_tensors="pt", truncation=True, padding="max_length", max_length=self.max_tokens)
+        inputs = {k: (v.to(self.cfg.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.cfg.device)) for k, v in inputs.items()}
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+        logits = outputs.logits.float()  # [B, patches, width]
+        scores_all = torch.sigmoid(logits)
+        boxes_all = outputs.pred_boxes.float()  # [B, patches, 4] cxcywh in the padded unit square
+        out = []
+        for b, (image, texts) in enumerate(zip(images, queries)):
+            w, h = image.size
+            scores = scores_all[b, :, : len(texts)]  # padded queries dropped here
+            boxes = owl_to_original(boxes_all[b].cpu().numpy(), w, h, "unit_square")
+            regions = []
+            for q, text in enumerate(texts):
+                s = scores[:, q].cpu().numpy()
+                keep = np.flatnonzero(s >= self.cfg.threshold)
+                best = keep[np.argsort(-s[keep])][: self.cfg.top_k_per_description]
+                regions.extend({"text": text, "box": [float(v) for v in boxes[j]], "score": float(s[j])} for j in best)
+            regions.sort(key=lambda r: -r["score"])
+            if self.cfg.nms_iou is not None:
+                regions = _class_aware_nms(regions, self.cfg.nms_iou)
+            out.append(regions[: self.cfg.top_k_per_image])
+        return out
+
+
+def _result(regions: list[dict[str, Any]], error: str | None, descriptions: int, grounded: int, truncated: int) -> dict[str, Any]:
+    return {"regions": regions, "error": error, "descriptions": descriptions, "grounded": grounded, "truncated_queries": truncated}
+
+
+def _class_aware_nms(regions: list[dict[str, Any]], iou: float) -> list[dict[str, Any]]:
+    """Drop a box overlapping (IoU > ``iou``) a better box of the same description. ``regions`` sorted by score."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    if not regions:
+        return regions
+    boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float32)
+    scores = torch.tensor([r["score"] for r in regions], dtype=torch.float32)
+    labels = {t: i for i, t in enumerate(dict.fromkeys(r["text"] for r in regions))}
+    idxs = torch.tensor([labels[r["text"]] for r in regions])
+    keep = batched_nms(boxes, scores, idxs, iou).tolist()
+    return [regions[i] for i in sorted(keep)]
