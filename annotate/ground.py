@@ -315,15 +315,15 @@ class OwlDetector:
 
     def _truncated(self, queries: list[list[str]]) -> list[int]:
         tok = self.processor.tokenizer
-        return [sum(1 for t in texts if len(tok(t)["input_ids"]) > self.max_tokens) for texts in queries]
+        return [sum(1 for t in texts if len(tok(t, verbose=False)["input_ids"]) > self.max_tokens) for texts in queries]
 
     def _forward(self, images: list[Any], queries: list[list[str]]) -> list[list[dict[str, Any]]]:
         from grain.annotate.boxes import owl_to_original
 
         torch = self.torch
-        width = max(len(q) for q in queries)
-        padded = [q + [" "] * (width - len(q)) for q in queries]  # OWLv2 takes the same number of queries per image
-        inputs = self.processor(text=padded, images=images, return_tensors="pt", truncation=True, padding="max_length", max_length=self.max_tokens)
+        # The processor pads every image's query list to the longest with blank queries; each (patch, query) logit
+        # depends on that query alone, so reading only the first len(texts) columns below ignores the padding.
+        inputs = self.processor(text=queries, images=images, return_tensors="pt", truncation=True)
         inputs = {k: (v.to(self.cfg.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.cfg.device)) for k, v in inputs.items()}
         with torch.inference_mode():
             outputs = self.model(**inputs)
@@ -339,7 +339,7 @@ class OwlDetector:
             for q, text in enumerate(texts):
                 s = scores[:, q].cpu().numpy()
                 keep = np.flatnonzero(s >= self.cfg.threshold)
-                best = keep[np.argsort(-s[keep])][: self.cfg.top_k_per_description]
+                best = keep[np.argsort(-s[keep], kind="stable")][: self.cfg.top_k_per_description]
                 regions.extend({"text": text, "box": [float(v) for v in boxes[j]], "score": float(s[j])} for j in best)
             regions.sort(key=lambda r: -r["score"])
             if self.cfg.nms_iou is not None:

@@ -95,7 +95,9 @@ def stream_results(
     when nothing arrives for ``watchdog_s`` seconds."""
     import ray
 
-    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).flat_map(builder)
+    # Builders only read Parquet and build requests: a quarter CPU each, so they never starve the engine actors
+    # of a small machine (and whole-CPU tasks beside fractional actors cannot deadlock it).
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).flat_map(builder, num_cpus=0.25)
     results = engine(ds)
     for batch in _watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), watchdog_s, watchdog_key):
         yield batch.to_pylist()

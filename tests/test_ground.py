@@ -53,3 +53,83 @@ def test_descriptions_must_come_from_these_samples(annotated, tmp_path):
     ingest(IngestConfig(num_shards=2, synthetic=SyntheticConfig(num_images=8)), tmp_path / "other")
     with pytest.raises(ValueError, match="must come from these samples"):
         ground(GroundConfig(), tmp_path / "other", descriptions, tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------ OWLv2 (tiny, real classes)
+
+
+@pytest.fixture(scope="module")
+def tiny_owl(tmp_path_factory):
+    from grain.annotate.tiny_owl import build_tiny_owlv2
+
+    return build_tiny_owlv2(tmp_path_factory.mktemp("owl") / "random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pinned_owl(tmp_path_factory):
+    """A tiny OWLv2 whose outputs are known: every real query scores sigmoid(2.0) on every patch, and patch
+    p = row * 8 + col predicts the box cxcywh ((col + 1) / 8, (row + 1) / 8, 1/8, 1/8) in the padded square."""
+    from grain.annotate.tiny_owl import build_tiny_owlv2
+
+    return build_tiny_owlv2(tmp_path_factory.mktemp("owl") / "pinned", seed=0, pin_score_logit=2.0)
+
+
+def _png(width, height):
+    from conftest import encode
+    from PIL import Image
+
+    return encode(Image.new("RGB", (width, height), (20, 160, 40)), "PNG")
+
+
+@pytest.mark.parametrize("width, height", [(200, 70), (60, 140), (96, 96)])
+def test_pinned_detector_boxes_land_in_the_original_frame(pinned_owl, width, height):
+    from grain.annotate.ground import OwlDetector
+
+    detector = OwlDetector(GroundConfig(engine="owlv2", model=str(pinned_owl), top_k_per_description=1))
+    (result,) = detector.detect([{"image": _png(width, height), "descriptions": ["a red head"]}])
+    (region,) = result["regions"]
+    # All patches tie, so the stable sort keeps patch 0: cxcywh (1/8, 1/8, 1/8, 1/8) of the square of side
+    # S = max(w, h), i.e. pixels [S/16, S/16, 3S/16, 3S/16], divided by the ORIGINAL width and height.
+    side = max(width, height)
+    expected = [side / 16 / width, side / 16 / height, 3 * side / 16 / width, 3 * side / 16 / height]
+    assert region["box"] == pytest.approx(expected, abs=2e-3)
+    assert region["score"] == pytest.approx(1 / (1 + 2.718281828459045 ** -2.0), abs=1e-5)
+
+
+def test_threshold_topk_truncation_and_bad_rows(pinned_owl):
+    from grain.annotate.ground import OwlDetector
+
+    long_text = "a very long description of a striped tail " * 4
+    rows = [
+        {"image": _png(120, 80), "descriptions": ["a red head", long_text]},
+        {"image": _png(50, 50), "descriptions": []},
+        {"image": b"not an image", "descriptions": ["a red head"]},
+    ]
+    detector = OwlDetector(GroundConfig(engine="owlv2", model=str(pinned_owl), top_k_per_description=3, top_k_per_image=5))
+    first, empty, broken = detector.detect(rows)
+    assert len(first["regions"]) == 5 and first["grounded"] == 2 and first["truncated_queries"] == 1
+    assert {r["text"] for r in first["regions"]} == {"a red head", long_text}  # the stored text stays whole
+    assert empty == {"regions": [], "error": None, "descriptions": 0, "grounded": 0, "truncated_queries": 0}
+    assert broken["regions"] == [] and "image cannot be decoded" in broken["error"]
+    strict = OwlDetector(GroundConfig(engine="owlv2", model=str(pinned_owl), threshold=0.95))
+    assert strict.detect(rows[:1])[0]["regions"] == []  # sigmoid(2) = 0.88 < 0.95
+
+
+def test_owlv2_stage_end_to_end_over_ray(annotated, tiny_owl, tmp_path):
+    samples, descriptions = annotated
+    cfg = GroundConfig(engine="owlv2", model=str(tiny_owl), threshold=0.0, batch_size=3)
+    result = ground(cfg, samples, descriptions, tmp_path / "r", ray_cfg=RAY)
+    assert result.complete and result.totals["rows_out"] == 12
+    table = read_table(tmp_path / "r")
+    check_table(table, REGIONS_SCHEMA, "regions")
+    described = {r["uid"]: r["descriptions"] for r in read_table(descriptions).to_pylist()}
+    for row in table.to_pylist():
+        assert row["error"] is None
+        assert {r["text"] for r in row["regions"]} <= set(described[row["uid"]])
+        assert 0 < len(row["regions"]) <= cfg.top_k_per_image
+        for r in row["regions"]:
+            x0, y0, x1, y1 = r["box"]
+            assert 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1
+    markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "r" / "_done").glob("*.json"))]
+    assert sum(m["boxes"] for m in markers) == sum(len(r["regions"]) for r in table.to_pylist())
+    assert not ground(cfg, samples, descriptions, tmp_path / "r", ray_cfg=RAY).did_work
