@@ -10,6 +10,7 @@ error instead of a hung pipeline.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ def ray_session(ray_cfg: RayConfig) -> Iterator[None]:
     if ray_cfg.address:
         ray.init(address=ray_cfg.address, **kwargs)
     else:
+        local_ray_on_loopback()
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.object_store_mb:
@@ -54,6 +56,20 @@ def ray_session(ray_cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def local_ray_on_loopback() -> None:
+    """Make a local (single-node) Ray bind and talk on 127.0.0.1 instead of the machine's network address.
+
+    Ray resolves "this node" to the address of the default route even for a local instance, so its servers (GCS,
+    raylet, object manager) listen on the network. For a single-node run that is needless exposure; Ray's own
+    switch for it is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read at import, hence also set on the imported module).
+    Set in the environment, the worker processes Ray starts inherit it. Not used when joining a cluster.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def row_group_chunks(paths: list[str]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from grain.annotate.engines import OpenAIChatEngine
 from grain.annotate.prompts import describe_messages, image_data_url, rewrite_messages
 from grain.annotate.tiny_mllm import build_tiny_qwen2vl
 from grain.annotate.vllm_server import VLLMServer
+from grain.annotate.streaming import local_ray_on_loopback
 from grain.config import DescribeConfig, IngestConfig, RayConfig, SyntheticConfig
 from grain.data.ingest import ingest
 from grain.shards import read_table
@@ -80,7 +81,8 @@ def main() -> None:
             import ray
 
             t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            local_ray_on_loopback()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             ray_start.append(time.perf_counter() - t0)
             result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=16))
             elapsed = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from PIL import Image
 from grain.annotate.describe import describe
 from grain.annotate.ground import ground
 from grain.annotate.tiny_owl import build_tiny_owlv2
+from grain.annotate.streaming import local_ray_on_loopback
 from grain.config import DescribeConfig, GroundConfig, IngestConfig, RayConfig, SyntheticConfig
 from grain.data.ingest import ingest
 from grain.shards import read_table
@@ -67,6 +68,7 @@ def main() -> None:
         import ray
 
         t0 = time.perf_counter()
+        local_ray_on_loopback()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start_s = time.perf_counter() - t0
         cfg = GroundConfig(engine="owlv2", model=str(model), batch_size=args.batch_size)

@@ -13,6 +13,9 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Every Ray the tests start (local, or the `ray start` head of the cluster test) binds to 127.0.0.1 only; see
+# grain.annotate.streaming.local_ray_on_loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:
