@@ -82,7 +82,7 @@ def main() -> None:
 
             t0 = time.perf_counter()
             local_ray_on_loopback()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             ray_start.append(time.perf_counter() - t0)
             result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=16))
             elapsed = time.perf_counter() - t0

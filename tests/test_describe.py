@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from grain.annotate.describe import DescribeTimeout, describe, describe_fingerprint
-from grain.annotate.engines import Completion, OpenAIChatEngine, TransformersChatEngine, build_vllm_processor
+from grain.annotate.engines import OpenAIChatEngine, TransformersChatEngine, build_vllm_processor
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
 from grain.config import DescribeConfig, IngestConfig, RayConfig, SyntheticConfig
 from grain.contracts import DESCRIPTIONS_SCHEMA, check_table

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from grain.annotate.tiny_mllm import SPECIAL_TOKENS, build_tiny_qwen2vl
-from grain.annotate.vllm_server import VLLMServer, VLLMServerError, _group_alive, default_vllm_python
+from grain.annotate.vllm_server import VLLMServer, VLLMServerError
 
 SERVED_NAME = "tiny-qwen2vl"
 
