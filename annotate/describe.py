@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from grain.annotate.parse import parse_caption, parse_descriptions
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
-from grain.annotate.streaming import EngineTimeout, actor_pool, ray_session, row_group_chunks, stream_results
+from grain.annotate.streaming import EngineTimeout, actor_pool, run_pending_shards
 from grain.config import DescribeConfig, RayConfig, fingerprint
 from grain.contracts import DESCRIPTIONS_SCHEMA
 from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
@@ -223,45 +223,19 @@ def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState]
 
 
 def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
-    by_name = {s.name: s for s in states}
-    for state in states:  # shards whose rows were all reused need no engine at all
-        if state.complete():
-            state.commit(run)
-    pending = [s for s in states if not s.complete()]
-    total = sum(len(s.needed()) for s in pending)
-    if total == 0:
-        return
-    wanted = {s.name: frozenset(s.needed()) for s in pending}
-    with ray_session(ray_cfg):
+    def make_engine() -> Any:
         if cfg.engine == "vllm":
             from grain.annotate.engines import build_vllm_processor
 
-            engine = build_vllm_processor(cfg)
-        else:
-            engine = actor_pool(ChatActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg)
-        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
-        bar = progress_bar(f"describe[{cfg.engine}]", total, 0, progress, unit="img")
-        done = errors = 0
-        t0 = time.perf_counter()
-        try:
-            for rows in stream_results(chunks, _RequestBuilder(cfg, wanted), engine, watchdog_s=cfg.watchdog_s, watchdog_key="describe.watchdog_s"):
-                for row in rows:
-                    state = by_name[row["path"]]
-                    if not state.add(cfg, row["uid"], row["kind"], row):
-                        continue
-                    done += 1
-                    errors += state.rows[row["uid"]]["error"] is not None
-                    if state.complete():
-                        state.commit(run)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", errors=errors, shards=len(run.result.shards_run))
-        finally:
-            if bar is not None:
-                bar.close()
-    missing = [s.name for s in pending if not s.complete()]
-    if missing:
-        raise RuntimeError(f"describe: the engine returned no result for some rows of {missing}; rerun to finish them")
+            return build_vllm_processor(cfg)
+        return actor_pool(ChatActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg)
+
+    run_pending_shards(
+        run, states, stage=f"describe[{cfg.engine}]", ray_cfg=ray_cfg,
+        make_builder=lambda wanted: _RequestBuilder(cfg, wanted), make_engine=make_engine,
+        add=lambda state, row: state.add(cfg, row["uid"], row["kind"], row),
+        watchdog_s=cfg.watchdog_s, progress=progress,
+    )
 
 
 class _RequestBuilder:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from grain.annotate.streaming import EngineTimeout, actor_pool, ray_session, row_group_chunks, stream_results
+from grain.annotate.streaming import EngineTimeout, actor_pool, run_pending_shards
 from grain.config import GroundConfig, RayConfig, fingerprint
 from grain.contracts import REGIONS_SCHEMA
 from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
@@ -195,40 +195,19 @@ def _run_reference(run: StageRun, states: list[_ShardState], progress: bool) -> 
 
 
 def _run_owl(cfg: GroundConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
-    by_name = {s.name: s for s in states}
-    for state in states:
-        if state.complete():
-            state.commit(run)
-    pending = [s for s in states if not s.complete()]
-    total = sum(len(s.needed()) for s in pending)
-    if not total:
-        return
-    wanted = {s.name: s.needed() for s in pending}
-    descriptions_of = {s.name: s.shard.inputs[1] for s in pending}
-    with ray_session(ray_cfg):
-        gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
-        engine = actor_pool(OwlActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg, num_gpus=gpus)
-        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
-        bar = progress_bar("ground[owlv2]", total, 0, progress, unit="img")
-        t0 = time.perf_counter()
-        done = 0
-        try:
-            for rows in stream_results(chunks, _ImageRows(wanted, descriptions_of), engine, watchdog_s=cfg.watchdog_s, watchdog_key="ground.watchdog_s"):
-                for row in rows:
-                    state = by_name[row["path"]]
-                    state.add(row)
-                    done += 1
-                    if state.complete():
-                        state.commit(run)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", shards=len(run.result.shards_run))
-        finally:
-            if bar is not None:
-                bar.close()
-    missing = [s.name for s in pending if not s.complete()]
-    if missing:
-        raise RuntimeError(f"ground: the detector returned no result for some rows of {missing}; rerun to finish them")
+    descriptions_of = {s.name: s.shard.inputs[1] for s in states}
+    gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
+
+    def add(state: _ShardState, row: dict[str, Any]) -> bool:
+        state.add(row)
+        return True
+
+    run_pending_shards(
+        run, states, stage="ground[owlv2]", ray_cfg=ray_cfg,
+        make_builder=lambda wanted: _ImageRows(wanted, descriptions_of),
+        make_engine=lambda: actor_pool(OwlActor, {"cfg_json": cfg.model_dump_json()}, ray_cfg, num_gpus=gpus),
+        add=add, watchdog_s=cfg.watchdog_s, progress=progress,
+    )
 
 
 class _ImageRows:

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +118,61 @@ def stream_results(
     results = engine(ds)
     for batch in _watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), watchdog_s, watchdog_key):
         yield batch.to_pylist()
+
+
+def run_pending_shards(
+    run: Any,
+    states: list[Any],
+    *,
+    stage: str,
+    ray_cfg: RayConfig,
+    make_builder: Callable[[dict[str, frozenset[str]]], Callable[[dict[str, Any]], list[dict[str, Any]]]],
+    make_engine: Callable[[], Callable[[Any], Any]],
+    add: Callable[[Any, dict[str, Any]], bool],
+    watchdog_s: float,
+    progress: bool,
+) -> None:
+    """Drive a stage's unfinished shards through Ray: the common loop of describe and ground.
+
+    ``states`` are per-shard objects with ``name`` (the input shard's file name), ``shard`` (its first input is
+    the samples file), ``needed()`` (uids still to do), ``complete()`` and ``commit(run)``. ``add(state, row)``
+    records one result row and returns True when that row finished an image. Shards with nothing left (all rows
+    reused) are committed without starting Ray; the others are committed as soon as their last image is in.
+    """
+    from grain.shards import progress_bar
+
+    for state in states:
+        if state.complete():
+            state.commit(run)
+    pending = [s for s in states if not s.complete()]
+    total = sum(len(s.needed()) for s in pending)
+    if not total:
+        return
+    by_name = {s.name: s for s in pending}
+    wanted = {s.name: frozenset(s.needed()) for s in pending}
+    with ray_session(ray_cfg):
+        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
+        bar = progress_bar(stage, total, 0, progress, unit="img")
+        done = 0
+        t0 = time.perf_counter()
+        try:
+            for rows in stream_results(chunks, make_builder(wanted), make_engine(), watchdog_s=watchdog_s, watchdog_key=f"{stage.split('[')[0]}.watchdog_s"):
+                for row in rows:
+                    state = by_name[row["path"]]
+                    if not add(state, row):
+                        continue
+                    done += 1
+                    if state.complete():
+                        state.commit(run)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", shards=len(run.result.shards_run))
+        finally:
+            if bar is not None:
+                bar.close()
+    missing = [s.name for s in pending if not s.complete()]
+    if missing:
+        raise RuntimeError(f"{stage}: the engine returned no result for some rows of {missing}; rerun to finish them")
 
 
 def _watched(iterator: Any, timeout_s: float, key: str) -> Iterator[Any]:
