@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 
 from grain.annotate.parse import parse_caption, parse_descriptions
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
-from grain.annotate.streaming import EngineTimeout, actor_pool, run_pending_shards
+from grain.annotate.streaming import NO_REFERENCE, EngineTimeout, actor_pool, run_in_process, run_pending_shards
 from grain.config import DescribeConfig, RayConfig, fingerprint
 from grain.contracts import DESCRIPTIONS_SCHEMA
-from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
+from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, read_json
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class _ShardState:
 
 def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], progress: bool) -> None:
     """Ground-truth region texts as descriptions (deduplicated, capped like an engine's)."""
-    bar = progress_bar("describe[reference]", len(states), 0, progress)
-    for state in states:
+
+    def fill(state: _ShardState) -> None:
         table = pq.read_table(state.shard.inputs[0], columns=["uid", "regions"])
         for uid, regions in zip(table.column("uid").to_pylist(), table.column("regions").to_pylist()):
             if uid in state.rows:
@@ -210,13 +210,10 @@ def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState]
                 "engine": "reference",
                 "model": REFERENCE_MODEL,
                 "prompt_id": "reference",
-                "error": None if regions is not None else "engine=reference: this row carries no ground-truth regions",
+                "error": None if regions is not None else NO_REFERENCE,
             }
-        state.commit(run)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    run_in_process(run, states, stage="describe[reference]", fill=fill, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ engines on Ray

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from grain.annotate.streaming import EngineTimeout, actor_pool, run_pending_shards
+from grain.annotate.streaming import NO_REFERENCE, EngineTimeout, actor_pool, run_in_process, run_pending_shards
 from grain.config import GroundConfig, RayConfig, fingerprint
 from grain.contracts import REGIONS_SCHEMA
-from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, progress_bar, read_json
+from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, read_json
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ def _histogram(values: list[float], bins: np.ndarray) -> dict[str, int]:
 
 
 def _run_reference(run: StageRun, states: list[_ShardState], progress: bool) -> None:
-    bar = progress_bar("ground[reference]", len(states), 0, progress)
-    for state in states:
+    def fill(state: _ShardState) -> None:
         samples = pq.read_table(state.shard.inputs[0], columns=["uid", "regions"]).to_pylist()
         descriptions = pq.read_table(state.shard.inputs[1], columns=["descriptions"]).column("descriptions").to_pylist()
         for sample, texts in zip(samples, descriptions):
@@ -180,15 +179,12 @@ def _run_reference(run: StageRun, states: list[_ShardState], progress: bool) -> 
             state.add({
                 "uid": sample["uid"],
                 "regions": regions,
-                "error": None if truth is not None else "engine=reference: this row carries no ground-truth regions",
+                "error": None if truth is not None else NO_REFERENCE,
                 "descriptions": len(texts),
                 "grounded": sum(1 for t in texts if t in grounded),
             })
-        state.commit(run)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+
+    run_in_process(run, states, stage="ground[reference]", fill=fill, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ OWLv2 on Ray

@@ -120,6 +120,27 @@ def stream_results(
         yield batch.to_pylist()
 
 
+#: The error of a row that a ``reference`` engine cannot serve (no ground truth in the dataset); not retried.
+NO_REFERENCE = "engine=reference: this row carries no ground-truth regions"
+
+
+def run_in_process(run: Any, states: list[Any], *, stage: str, fill: Callable[[Any], None], progress: bool) -> None:
+    """The in-process counterpart of ``run_pending_shards`` (reference engines): ``fill(state)`` completes a
+    shard's rows, then the shard is committed; a progress bar counts shards."""
+    from grain.shards import progress_bar
+
+    bar = progress_bar(stage, len(states), 0, progress)
+    try:
+        for state in states:
+            fill(state)
+            state.commit(run)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run_pending_shards(
     run: Any,
     states: list[Any],
