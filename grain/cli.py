@@ -165,6 +165,63 @@ def ground(
 
 
 @app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[Optional[Path], typer.Option(help="samples/ folder; default: the one ingest writes for this config.")] = None,
+    descriptions: Annotated[Optional[Path], typer.Option(help="descriptions/ folder; default: the one describe writes.")] = None,
+    regions: Annotated[Optional[Path], typer.Option(help="regions/ folder; default: the one ground writes.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder; default <workdir>/train/<fingerprint>.")] = None,
+    resume: Annotated[str, typer.Option(help="latest (continue from the newest checkpoint in the run folder, if any), none (start over), or a checkpoint folder.")] = "latest",
+    launcher: Annotated[str, typer.Option(help="local: this process (also what each torchrun process runs); ray: Ray Train workers (train.ray_workers, ray.address).")] = "local",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (loss, samples/s, ETA).")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log resumes, skipped steps and checkpoints.")] = False,
+) -> None:
+    """Train the GRAIN model (train.mode=grain) or a baseline (clip, clip_desc, no_rd, no_box).
+
+    Reads samples/ + descriptions/ + regions/ of this config, writes <run>/checkpoints/step_NNNNNN/ (keep-last-k),
+    <run>/model/ (the exported model for `grain evaluate`), TensorBoard logs in <run>/tb/ and metrics.jsonl.
+    A killed run continues exactly where its last checkpoint left off (--resume latest).
+
+    Multi-GPU on one or many machines: `torchrun --nproc_per_node 8 -m grain.train --set ...` (DDP), or
+    `grain train --launcher ray` on a Ray cluster (ray.address). See docs/train.md.
+    """
+    _setup_logging(verbose)
+    from grain.shards import stage_dir
+    from grain.train.loop import TrainingDiverged, train_fingerprint
+    from grain.train.loop import train as run_train
+
+    cfg = _load(config, set_)
+    if launcher not in ("local", "ray"):
+        typer.echo(f"error: --launcher must be local or ray, got {launcher!r}", err=True)
+        raise typer.Exit(2)
+    resume_arg = None if resume.lower() == "none" else resume
+    try:
+        samples_dir = samples or _samples_dir(cfg)
+        needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
+        descriptions_dir = (descriptions or _descriptions_dir(cfg, samples_dir)) if needs_text else None
+        regions_dir = (regions or _regions_dir(cfg, samples_dir)) if cfg.train.mode != "clip" else None
+        target = out or stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir))
+        if launcher == "ray":
+            from grain.train.launch import train_with_ray
+
+            summary = train_with_ray(cfg.train, cfg.ray, samples_dir, descriptions_dir, regions_dir, target, resume_arg)
+            steps, seconds, model_dir = summary["steps"], summary["seconds"], summary["model"]
+        else:
+            result = run_train(cfg.train, samples_dir, descriptions_dir, regions_dir, target, resume=resume_arg, progress=progress)
+            steps, seconds, model_dir = result.steps, result.seconds, result.model_dir
+    except (FileNotFoundError, ValueError, TrainingDiverged) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from grain.train import dist
+
+    if dist.get_rank() == 0:
+        typer.echo(f"train {cfg.train.mode}: {steps} steps in {seconds:.1f} s -> {target}")
+        if model_dir:
+            typer.echo(f"  model: {model_dir}")
+
+
+@app.command()
 def inspect(
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -178,6 +178,65 @@ class GroundConfig(_Frozen):
         return self.model_dump(mode="json", exclude={"batch_size", "device", "retry_errors", "watchdog_s"})
 
 
+TRAIN_MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
+
+
+class TrainConfig(_Frozen):
+    """Train: the GRAIN model (or a baseline) on samples/ + descriptions/ + regions/ (docs/train.md)."""
+
+    mode: Literal["grain", "clip", "clip_desc", "no_rd", "no_box"] = Field(
+        "grain",
+        description="grain: L_ic + L_box + L_rd; clip: L_ic only (CLS embedding, no decoder); clip_desc: L_ic + "
+        "descriptions contrasted with the global embedding (no queries, no boxes); no_rd / no_box: ablations.",
+    )
+    arch: str = Field("grain-tiny", description="Architecture name in grain/train/archs/ or a path to an arch JSON.")
+    arch_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Nested overrides of the arch JSON, e.g. {decoder: {layers: 2}}."
+    )
+    steps: int = Field(300, ge=1, description="Optimizer steps (training is step-based; the loader streams epochs).")
+    batch_size: int = Field(32, ge=2, description="Images per step per process (global batch = this × world size).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (each of batch_size/grad_accum).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (paper 1e-3).")
+    warmup_start_lr: float = Field(1e-6, ge=0, description="LR at step 0 of the linear warm-up (paper 1e-6).")
+    min_lr: float = Field(1e-5, ge=0, description="LR at the end of the cosine decay (paper 1e-5).")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps (paper: one epoch).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas (paper 0.9, 0.98).")
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; never on biases, norms, logit scale, embeddings.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this (null = no clipping, as the paper); the norm is logged either way.")
+    logit_scale_max: float = Field(100.0, gt=1, description="Clamp exp(logit_scale) at this after every step.")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 1.0},
+        description="weight_dict applied once to the loss dict (authors' effective box weight ×1.5).",
+    )
+    cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of L1 between boxes (cxcywh).")
+    cost_giou: float = Field(2.0, ge=0, description="Matcher cost of −GIoU.")
+    mask_duplicate_descriptions: bool = Field(
+        True, description="L_rd: descriptions with the positive's exact text are not negatives (false = the authors' loss)."
+    )
+    max_regions: int = Field(5, ge=1, description="Descriptions (with boxes) kept per image, best score first.")
+    rewrite_prob: float = Field(0.5, ge=0, le=1, description="Probability of training on the rewritten caption.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward (saves memory).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    max_bad_steps: int = Field(10, ge=0, description="Skip steps whose loss or gradient is NaN/inf; stop after this many.")
+    seed: int = Field(0, description="Seeds weights, data order and caption choice.")
+    num_workers: int = Field(2, ge=1, description="Image decoding threads per process.")
+    device: str = Field("auto", description="auto: cuda:<local rank> when available, else cpu.")
+    log_every: int = Field(10, ge=1, description="Steps between TensorBoard/progress log lines.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the last step always writes one).")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones deleted after a new one is complete).")
+    ray_workers: int = Field(2, ge=1, description="launcher ray: training workers (Ray Train TorchTrainer).")
+    ray_use_gpu: bool = Field(False, description="launcher ray: one GPU per worker.")
+    ray_cpus_per_worker: float = Field(1.0, gt=0, description="launcher ray: CPUs per worker.")
+
+    def semantics(self) -> dict[str, Any]:
+        """What decides the trained weights (the fingerprint sees this, not logging, devices or checkpoint cadence)."""
+        skip = {"num_workers", "device", "log_every", "checkpoint_every", "keep_last", "max_bad_steps", "compile",
+                "grad_checkpointing", "ray_workers", "ray_use_gpu", "ray_cpus_per_worker"}
+        return self.model_dump(mode="json", exclude=skip)
+
+
 class RayConfig(_Frozen):
     """Where Ray Data runs describe/ground work. Not part of any fingerprint: it changes how, not what."""
 
@@ -198,6 +257,7 @@ class PipelineConfig(_Frozen):
     ingest: IngestConfig = IngestConfig()
     describe: DescribeConfig = DescribeConfig()
     ground: GroundConfig = GroundConfig()
+    train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("workdir")

@@ -1,0 +1,131 @@
+"""The GRAIN model: registry, shapes per mode, paper size, weight-decay groups, export round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grain.train.model import ALL_MODES, build_model, list_archs, load_arch, load_model, save_model
+
+EOT = 49407
+
+
+def _tokens(n: int, ctx: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(n, ctx, dtype=torch.long)
+    t[:, 0] = 49406
+    lengths = torch.randint(2, ctx - 1, (n,), generator=g)
+    for i, L in enumerate(lengths.tolist()):
+        t[i, 1:L] = torch.randint(1, 49000, (L - 1,), generator=g)
+        t[i, L] = EOT
+    return t
+
+
+def test_bundled_archs():
+    assert {"grain-tiny", "grain-small", "grain-vit-b16"} <= set(list_archs())
+    with pytest.raises(ValueError, match="unknown architecture 'nope'.*grain-tiny"):
+        load_arch("nope")
+    with pytest.raises(ValueError, match="arch.decoder.layerz: unknown key"):
+        load_arch("grain-tiny", {"decoder": {"layerz": 1}})
+    assert load_arch("grain-tiny", {"decoder": {"layers": 1}})["decoder"]["layers"] == 1
+
+
+def test_paper_model_has_the_paper_size():
+    torch.manual_seed(0)
+    model = build_model("grain-vit-b16")
+    n = sum(p.numel() for p in model.parameters())
+    assert 170e6 < n < 182e6, n  # METHOD.md: about 176M trainable parameters
+    assert model.num_region_queries == 5 and len(model.decoder.layers) == 6
+    attn = model.clip.visual.transformer.resblocks[0].attn
+    assert isinstance(attn.ln_q, torch.nn.LayerNorm) and isinstance(attn.ln_k, torch.nn.LayerNorm), "ViT must use QK-norm"
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_forward_shapes(mode):
+    torch.manual_seed(0)
+    model = build_model("grain-tiny", mode=mode)
+    b, m, ctx, d = 3, 4, model.context_length, model.arch["embed_dim"]
+    out = model(torch.randn(b, 3, 64, 64), _tokens(b, ctx, 1), _tokens(m, ctx, 2))
+    assert out["image_embed"].shape == (b, d) and out["text_embed"].shape == (b, d) and out["desc_embed"].shape == (m, d)
+    for key in ("image_embed", "text_embed", "desc_embed"):
+        assert torch.allclose(out[key].norm(dim=-1), torch.ones(out[key].shape[0]), atol=1e-5)
+    assert out["logit_scale"].ndim == 0 and abs(out["logit_scale"].item() - 1 / 0.07) < 1e-3
+    if mode in ("grain", "no_rd", "no_box"):
+        q = model.num_region_queries
+        assert out["region_embed"].shape == (b, q, d) and out["boxes"].shape == (b, q, 4)
+        assert ((out["boxes"] >= 0) & (out["boxes"] <= 1)).all()
+        assert len(out["aux_boxes"]) == len(model.decoder.layers) - 1
+    else:
+        assert "boxes" not in out and not hasattr(model, "decoder")
+    empty = model(torch.randn(b, 3, 64, 64), _tokens(b, ctx, 1), torch.zeros(0, ctx, dtype=torch.long))
+    assert empty["desc_embed"].shape == (0, d)
+
+
+def test_global_embedding_comes_from_the_image_query_not_cls():
+    torch.manual_seed(0)
+    model = build_model("grain-tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model.encode_image(x)["image_embed"]
+    with torch.no_grad():
+        model.image_proj.mul_(-1)  # only the image-query projection changes
+    after = model.encode_image(x)["image_embed"]
+    assert torch.allclose(before, -after, atol=1e-6)
+
+
+def test_anchored_queries_start_on_a_grid():
+    torch.manual_seed(0)
+    model = build_model("grain-tiny", decoder={"query_type": "anchored"})
+    refs = model.decoder.ref_logits.sigmoid()
+    assert refs.shape == (5, 2) and len({tuple(r) for r in refs.tolist()}) == 5
+    out = model.encode_image(torch.randn(2, 3, 64, 64))
+    assert out["boxes"].shape == (2, 5, 4)
+
+
+def test_weight_decay_groups():
+    model = build_model("grain-tiny")
+    decay, no_decay = model.param_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    dec = {names[id(p)] for p in decay["params"]}
+    assert len(nd) + len(dec) == len(names)
+    for n in ("clip.logit_scale", "clip.token_embedding.weight", "clip.positional_embedding",
+              "clip.visual.class_embedding", "clip.visual.positional_embedding", "decoder.query_embed.weight"):
+        assert n in nd, n
+    assert all(n.endswith("bias") or "ln" in n or "norm" in n or n in nd for n in nd)
+    assert not any(n.endswith(".bias") for n in dec)
+    assert "region_proj" in dec and "image_proj" in dec and "clip.visual.proj" in dec
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["grain", "clip"])
+def test_export_round_trip(tmp_path, mode):
+    torch.manual_seed(0)
+    model = build_model("grain-tiny", mode=mode, decoder={"query_type": "anchored"}).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x, t = torch.randn(2, 3, 64, 64), _tokens(2, model.context_length, 3)
+    a, b = model(x, t), loaded(x, t)
+    for key in ("image_embed", "text_embed"):
+        assert torch.equal(a[key], b[key])
+    assert loaded.mode == mode and not loaded.training
+    with pytest.raises(FileNotFoundError, match="not a grain model folder"):
+        load_model(tmp_path)
+
+
+def test_text_encoding_shortcut_equals_open_clip():
+    """Deduplicated, context-trimmed text encoding == open_clip's encode_text, values and gradients."""
+    torch.manual_seed(0)
+    model = build_model("grain-tiny")
+    tokens = _tokens(12, model.context_length, 7)
+    tokens[5] = tokens[2]
+    tokens[9] = tokens[2]
+    tokens[:, 20:] = 0  # nothing after position 19 in this batch: the context is cut there
+    tokens[3, 1:] = 0
+    tokens[3, 1] = EOT
+    ours = model.encode_text(tokens)
+    ref = model.clip.encode_text(tokens, normalize=True)
+    assert torch.allclose(ours, ref, atol=1e-5), float((ours - ref).abs().max())
+    w = torch.randn_like(ref)
+    g_ours = torch.autograd.grad((ours * w).sum(), model.clip.token_embedding.weight)[0]
+    g_ref = torch.autograd.grad((ref * w).sum(), model.clip.token_embedding.weight)[0]
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)

@@ -1,0 +1,133 @@
+"""Training checkpoints: ``<run>/checkpoints/step_NNNNNN/`` written atomically, kept last-k, resumed exactly.
+
+A checkpoint folder holds
+
+* ``model.safetensors`` + ``grain_model.json`` — the weights and arch (the folder is also loadable by
+  :func:`grain.train.model.load_model`);
+* ``optim.pt`` — optimizer and LR-scheduler state, loadable with ``torch.load(weights_only=True)``;
+* ``meta.json`` — step, counters, the resolved train config, every rank's loader position and RNG states.
+
+It is first written to ``step_NNNNNN.tmp/`` and renamed when complete, so a kill during the write leaves either the
+previous checkpoint or a ``.tmp`` folder that is ignored and cleaned up; ``latest`` only ever sees complete folders.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grain.shards import write_json_atomic
+from grain.train.model import GrainModel, save_model
+
+CKPT_RE = re.compile(r"^step_(\d{6,})$")
+META_FILE = "meta.json"
+OPTIM_FILE = "optim.pt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders (with meta.json), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / META_FILE).exists()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def resolve_resume(ckpt_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` → no resume; ``"latest"`` → the newest complete checkpoint or None; else a checkpoint path.
+
+    Raises FileNotFoundError naming the path when an explicit checkpoint does not exist or is incomplete.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / META_FILE).exists():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {META_FILE})")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states as JSON-safe base64 strings."""
+    state = {"torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model: GrainModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``step_NNNNNN/`` atomically (tmp folder → fsync → rename), then delete all but the last ``keep_last``."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / (final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
+    with open(tmp / OPTIM_FILE, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    write_json_atomic(tmp / META_FILE, {**meta, "step": step})
+    if final.exists():  # the same step written again (a rerun of a finished run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fd = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state dict, {optimizer, scheduler} state, meta) of a checkpoint — safetensors and weights_only only."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "model.safetensors"), device=str(map_location))
+    optim = torch.load(path / OPTIM_FILE, map_location=map_location, weights_only=True)
+    meta = json.loads((path / META_FILE).read_text())
+    return weights, optim, meta

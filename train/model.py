@@ -1,0 +1,415 @@
+"""The GRAIN model: open_clip towers + a DETR-style query decoder (METHOD.md), and the CLIP baselines.
+
+Architectures are small JSON files in ``grain/train/archs/`` (``grain-tiny``, ``grain-small``, ``grain-vit-b16``)
+resolved by :func:`build_model`. Each JSON holds ``embed_dim``, open_clip's ``vision_cfg`` / ``text_cfg`` and our
+``decoder`` section::
+
+    decoder: num_region_queries (5), layers (6), heads (8), ffn_dim (2048), dropout (0.1),
+             query_type: "learned" (the paper: free learnable query embeddings)
+                       | "anchored" (each region query owns a learnable reference point; boxes are predicted
+                         relative to it — the small-scale setting that learns boxes on CPU, docs/train.md)
+
+Modes (``TrainConfig.mode``) decide the image side:
+
+* ``grain`` / ``no_rd`` / ``no_box``: the ViT returns all tokens (CLS + patches, after its final norm, projected
+  width→D without bias by open_clip's own ``proj``); a LayerNorm makes them the decoder memory; Q region queries +
+  1 image query attend to it; the image query's output × a D×D matrix is the global image embedding.
+* ``clip`` / ``clip_desc``: the plain open_clip CLIP image path (CLS token → projection); no decoder.
+
+The text tower is open_clip's, unchanged, and embeds captions and descriptions alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DECODER_MODES = ("grain", "no_rd", "no_box")
+QUERY_TYPES = ("learned", "anchored", "patches")
+ALL_MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
+MODEL_CONFIG_FILE = "grain_model.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+EXPORT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def list_archs() -> list[str]:
+    """Names of the bundled architectures."""
+    return sorted(p.name[: -len(".json")] for p in resources.files("grain.train").joinpath("archs").iterdir() if p.name.endswith(".json"))
+
+
+def load_arch(name_or_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arch dict for a bundled name or a JSON path, with nested ``overrides`` merged in.
+
+    Raises ValueError naming the unknown arch (and the known ones) or the unknown override key.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        arch = json.loads(path.read_text())
+    else:
+        res = resources.files("grain.train").joinpath("archs", f"{name_or_path}.json")
+        if not res.is_file():
+            raise ValueError(f"unknown architecture {name_or_path!r}; bundled: {', '.join(list_archs())} (or a path to a .json)")
+        arch = json.loads(res.read_text())
+    arch = _merge(arch, overrides or {}, where="arch")
+    _check_arch(arch, name_or_path)
+    return arch
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in out and key != "description":
+            raise ValueError(f"arch override {where}.{key}: unknown key; allowed: {', '.join(sorted(out))}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def _check_arch(arch: dict[str, Any], name: str) -> None:
+    for key in ("embed_dim", "vision_cfg", "text_cfg", "decoder"):
+        if key not in arch:
+            raise ValueError(f"architecture {name!r} lacks {key!r}")
+    dec = arch["decoder"]
+    if dec.get("query_type", "learned") not in QUERY_TYPES:
+        raise ValueError(f"architecture {name!r}: decoder.query_type must be one of {QUERY_TYPES}, got {dec['query_type']!r}")
+    if dec.get("memory_pos", "none") not in ("none", "sine"):
+        raise ValueError(f"architecture {name!r}: decoder.memory_pos must be 'none' or 'sine', got {dec['memory_pos']!r}")
+    if arch["embed_dim"] % dec["heads"]:
+        raise ValueError(f"architecture {name!r}: embed_dim {arch['embed_dim']} is not divisible by decoder.heads {dec['heads']}")
+
+
+def build_model(name_or_arch: str | dict[str, Any] = "grain-tiny", mode: str = "grain", **overrides: Any) -> GrainModel:
+    """Build a randomly initialised model from a bundled arch name, a JSON path or an arch dict.
+
+    ``overrides`` are merged into the arch (nested dicts allowed): ``build_model("grain-tiny",
+    decoder={"layers": 1})``.
+    """
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(ALL_MODES)}")
+    if isinstance(name_or_arch, dict):
+        arch = _merge(name_or_arch, overrides, "arch")
+        _check_arch(arch, "<dict>")
+    else:
+        arch = load_arch(name_or_arch, overrides)
+    return GrainModel(arch, mode)
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm DETR decoder layer: self-attention over queries, cross-attention to memory, ReLU FFN.
+
+    The query positional embedding is added to queries and keys of the self-attention and to the queries of the
+    cross-attention (DETR's convention); targets start at zero.
+    """
+
+    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, memory_pos: Tensor | None = None) -> Tensor:
+        """tgt [B,N,D], memory [B,L,D], query_pos [B,N,D], memory_pos [1,L,D] or None → [B,N,D]."""
+        x = self.norm1(tgt)
+        q = x + query_pos
+        tgt = tgt + self.drop1(self.self_attn(q, q, x, need_weights=False)[0])
+        x = self.norm2(tgt)
+        keys = memory if memory_pos is None else memory + memory_pos
+        tgt = tgt + self.drop2(self.cross_attn(x + query_pos, keys, memory, need_weights=False)[0])
+        return tgt + self.drop3(self.ffn(self.norm3(tgt)))
+
+
+class QueryDecoder(nn.Module):
+    """Q region queries + 1 image query over the image tokens; returns every layer's normed output.
+
+    ``query_type="anchored"``: each region query has a learnable reference point (cx, cy), initialised on a grid
+    over the image; its sine embedding (through a small MLP) is added to the query embedding, and the box head
+    predicts offsets from it in logit space (as in Deformable/DAB-DETR). ``"patches"``: one region query per image
+    patch, starting from that patch's token (instead of zeros) at a fixed reference point = the patch centre (as in
+    two-stage DETR variants that take their queries from the image tokens); ``num_region_queries`` is then the number
+    of patches. ``"learned"`` is the paper's setting.
+    """
+
+    def __init__(self, d: int, num_region_queries: int, layers: int, heads: int, ffn_dim: int, dropout: float,
+                 query_type: str = "learned", memory_pos: str = "none", grid: int = 0) -> None:
+        super().__init__()
+        if query_type == "patches":
+            num_region_queries = grid * grid
+        self.num_region_queries = num_region_queries
+        self.query_type = query_type
+        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / max(grid, 1)
+        yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+        patch_centres = torch.stack([xx.flatten(), yy.flatten()], dim=1)  # [P,2] (cx, cy), row-major like the tokens
+        if memory_pos == "sine":  # fixed 2-D sine positions of the patch centres added to the cross-attention keys
+            pos = _sine_embed(patch_centres, d)  # [P,D]
+            self.register_buffer("memory_pos", torch.cat([torch.zeros(1, d), pos]).unsqueeze(0), persistent=False)
+        else:
+            self.memory_pos = None
+        self.query_embed = nn.Embedding(num_region_queries + 1, d)  # last row = image query
+        self.layers = nn.ModuleList(DecoderLayer(d, heads, ffn_dim, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)  # shared by every layer's output
+        if query_type == "anchored":
+            self.ref_logits = nn.Parameter(_grid_reference_logits(num_region_queries))
+            self.ref_mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        elif query_type == "patches":
+            self.register_buffer("ref_logits", torch.log(patch_centres / (1 - patch_centres)), persistent=False)
+            self.ref_mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def query_positions(self, batch: int) -> Tensor:
+        """[B, Q+1, D] query positional embeddings."""
+        pos = self.query_embed.weight
+        if self.query_type in ("anchored", "patches"):
+            d = pos.shape[-1]
+            ref = _sine_embed(self.ref_logits.sigmoid(), d)  # [Q, D]
+            pos = torch.cat([pos[:-1] + self.ref_mlp(ref), pos[-1:]], dim=0)
+        return pos.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward(self, memory: Tensor) -> list[Tensor]:
+        """memory [B,L,D] → list over layers of [B, Q+1, D] (after the shared final norm)."""
+        pos = self.query_positions(memory.shape[0])
+        tgt = torch.zeros_like(pos)
+        if self.query_type == "patches":  # region queries start from their patch's token
+            tgt = torch.cat([memory[:, 1:], tgt[:, -1:]], dim=1)
+        outs = []
+        mem_pos = None if self.memory_pos is None else self.memory_pos.to(memory.dtype)
+        for layer in self.layers:
+            tgt = layer(tgt, memory, pos, mem_pos)
+            outs.append(self.norm(tgt))
+        return outs
+
+
+def _grid_reference_logits(n: int) -> Tensor:
+    """n reference points spread on a near-square grid inside (0, 1)², in logit space. [n, 2]."""
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pts = [((c + 0.5) / cols, (r + 0.5) / rows) for r in range(rows) for c in range(cols)][:n]
+    p = torch.tensor(pts, dtype=torch.float32)
+    return torch.log(p / (1 - p))
+
+
+def _sine_embed(points: Tensor, d: int, temperature: float = 10000.0) -> Tensor:
+    """Sine/cosine embedding of [N, 2] points in [0,1] into [N, d] (half the channels per coordinate)."""
+    half = d // 2
+    freqs = temperature ** (2 * (torch.arange(half // 2, device=points.device, dtype=points.dtype)) / half)
+    x = points[:, :1] * 2 * math.pi / freqs
+    y = points[:, 1:2] * 2 * math.pi / freqs
+    emb = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
+    return F.pad(emb, (0, d - emb.shape[-1]))
+
+
+class BoxHead(nn.Module):
+    """MLP D→D→D→4 (ReLU) giving box logits; sigmoid → (cx, cy, w, h) in [0, 1]."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
+
+    def forward(self, x: Tensor, ref_logits: Tensor | None = None) -> Tensor:
+        out = self.net(x)
+        if ref_logits is not None:  # anchored: centre offsets in logit space around the reference point
+            out = torch.cat([out[..., :2] + ref_logits, out[..., 2:]], dim=-1)
+        return out.sigmoid()
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class GrainModel(nn.Module):
+    """CLIP towers (open_clip) + query decoder + heads.
+
+    ``forward(images [B,3,S,S], captions [B,T], desc_tokens [M,T] | None)`` returns a dict:
+
+    * ``image_embed`` [B,D]: global image embedding, L2-normalised (image query in decoder modes, CLS otherwise);
+    * ``text_embed`` [B,D]: caption embeddings, L2-normalised;
+    * ``desc_embed`` [M,D]: description embeddings, L2-normalised (when ``desc_tokens`` is given);
+    * ``region_embed`` [B,Q,D]: region query embeddings, L2-normalised (decoder modes);
+    * ``boxes`` [B,Q,4]: (cx, cy, w, h) in [0, 1] of the model frame (decoder modes);
+    * ``aux_boxes``: list of [B,Q,4] from the earlier decoder layers (decoder modes);
+    * ``logit_scale``: scalar, exp of the learnable log scale (shared by every contrastive loss).
+    """
+
+    def __init__(self, arch: dict[str, Any], mode: str = "grain") -> None:
+        super().__init__()
+        import open_clip
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        self.arch = copy.deepcopy(arch)
+        self.mode = mode
+        self.uses_decoder = mode in DECODER_MODES
+        d = int(arch["embed_dim"])
+        vision = dict(arch["vision_cfg"])
+        if self.uses_decoder:
+            vision["pool_type"] = "none"  # the tower returns every token (after ln_post) @ proj: [B, 1+P, D]
+        self.clip = open_clip.model.CLIP(
+            embed_dim=d, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**arch["text_cfg"]), output_dict=True
+        )
+        self.image_size = int(vision["image_size"])
+        self.context_length = int(arch["text_cfg"]["context_length"])
+        if self.uses_decoder:
+            dec = arch["decoder"]
+            self.memory_norm = nn.LayerNorm(d)
+            grid = self.image_size // int(vision["patch_size"])
+            self.decoder = QueryDecoder(d, dec["num_region_queries"], dec["layers"], dec["heads"], dec["ffn_dim"],
+                                        dec["dropout"], dec.get("query_type", "learned"), dec.get("memory_pos", "none"), grid)
+            self.box_head = BoxHead(d)
+            scale = d**-0.5
+            self.region_proj = nn.Parameter(scale * torch.randn(d, d))
+            self.image_proj = nn.Parameter(scale * torch.randn(d, d))
+
+    # -- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def num_region_queries(self) -> int:
+        return self.decoder.num_region_queries if self.uses_decoder else 0
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+    # -- encoders ---------------------------------------------------------------------------------------------
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """tokens [N,T] → [N,D] L2-normalised.
+
+        Same result as open_clip's ``encode_text``, computed cheaper: identical rows are encoded once (a batch of
+        short region phrases repeats a lot; gradients of the copies add up exactly as if each were encoded), and
+        the context is cut after the last end-of-text token of the batch — with CLIP's causal mask and pooling at
+        the end-of-text token, padding positions after it cannot change the result.
+        """
+        c = self.clip
+        if tokens.shape[0] == 0 or c.attn_mask is None or c.text_pool_type not in ("argmax", "eos"):
+            return c.encode_text(tokens, normalize=True)  # no causal mask: every position matters
+        uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        if c.text_pool_type == "argmax":
+            last = int(uniq.argmax(dim=-1).max())
+        else:
+            last = int((uniq == c.text_eos_id).int().argmax(dim=-1).max())
+        return self._encode_text_prefix(uniq[:, : last + 1])[inverse]
+
+    def _encode_text_prefix(self, tokens: Tensor) -> Tensor:
+        """open_clip's text forward on the first L positions (L = tokens.shape[1]): [N,L] → [N,D] normalised."""
+        from open_clip.transformer import text_global_pool
+
+        c = self.clip
+        n = tokens.shape[1]
+        cast = c.transformer.get_cast_dtype()
+        x = c.token_embedding(tokens).to(cast) + c.positional_embedding[:n].to(cast)
+        x = c.transformer(x, attn_mask=c.attn_mask[:n, :n])
+        x = text_global_pool(c.ln_final(x), tokens, c.text_pool_type, eos_token_id=getattr(c, "text_eos_id", None))
+        proj = c.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
+    def encode_image(self, images: Tensor) -> dict[str, Tensor]:
+        """images [B,3,S,S] → {image_embed [B,D]} (+ region_embed [B,Q,D], boxes [B,Q,4], aux_boxes in decoder modes)."""
+        if not self.uses_decoder:
+            return {"image_embed": self.clip.encode_image(images, normalize=True)}
+        memory = self.memory_norm(self.clip.visual(images))  # [B, 1+P, D]
+        layers = self.decoder(memory)
+        q = self.decoder.num_region_queries
+        ref = self.decoder.ref_logits if self.decoder.query_type in ("anchored", "patches") else None
+        last = layers[-1]
+        out = {
+            "image_embed": F.normalize(last[:, q] @ self.image_proj, dim=-1),
+            "region_embed": F.normalize(last[:, :q] @ self.region_proj, dim=-1),
+            "boxes": self.box_head(last[:, :q], ref),
+            "aux_boxes": [self.box_head(h[:, :q], ref) for h in layers[:-1]],
+        }
+        return out
+
+    def forward(self, images: Tensor, captions: Tensor, desc_tokens: Tensor | None = None) -> dict[str, Any]:
+        out = self.encode_image(images)
+        b = captions.shape[0]
+        tokens = captions if desc_tokens is None or desc_tokens.shape[0] == 0 else torch.cat([captions, desc_tokens])
+        text = self.encode_text(tokens)  # one text pass for captions and descriptions
+        out["text_embed"] = text[:b]
+        if desc_tokens is not None:
+            out["desc_embed"] = text[b:] if desc_tokens.shape[0] else text.new_zeros((0, text.shape[1]))
+        out["logit_scale"] = self.clip.logit_scale.exp()
+        return out
+
+    # -- optimisation helpers ---------------------------------------------------------------------------------
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on weight matrices only; none on biases, norms, logit scale, embeddings, queries."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if _no_decay(name, p):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        self.clip.logit_scale.clamp_(0, math.log(max_scale))
+
+
+_NO_DECAY_NAMES = ("logit_scale", "class_embedding", "positional_embedding", "token_embedding", "query_embed", "ref_logits")
+
+
+def _no_decay(name: str, p: Tensor) -> bool:
+    """Biases and norm scales (1-D), the logit scale, and every embedding table or learned position/query."""
+    return p.ndim < 2 or any(part in _NO_DECAY_NAMES for part in name.split("."))
+
+
+# ------------------------------------------------------------------------------------------------ export / load
+
+
+def save_model(model: GrainModel, folder: str | Path) -> Path:
+    """Write a self-contained model folder: model.safetensors + grain_model.json (arch, mode, format)."""
+    from safetensors.torch import save_file
+
+    from grain.shards import write_json_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    module = model.module if hasattr(model, "module") else model
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = folder / (MODEL_WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(folder / MODEL_WEIGHTS_FILE)
+    write_json_atomic(folder / MODEL_CONFIG_FILE, {"format": EXPORT_FORMAT, "mode": module.mode, "arch": module.arch})
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GrainModel:
+    """Restore a model written by :func:`save_model` (or a checkpoint's folder), in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / MODEL_CONFIG_FILE
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} is not a grain model folder (no {MODEL_CONFIG_FILE})")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{cfg_path}: format {meta.get('format')!r} is not supported (expected {EXPORT_FORMAT})")
+    model = GrainModel(meta["arch"], meta["mode"])
+    state = load_file(str(folder / MODEL_WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not fit the arch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device).eval()
