@@ -62,7 +62,7 @@ from grain.train.loop import build_optimizer, forward_backward
 from grain.train.losses import GrainCriterion
 from grain.train.model import build_model, load_arch
 
-ARCHS = ("grain-tiny", "grain-small", "grain-vit-b16")
+ARCHS = ("grain-tiny", "grain-tiny-paper", "grain-small", "grain-vit-b16")
 GRAIN_OVER_CLIP_TARGET = 1.15
 CLIP_OVER_OPENCLIP_TARGET = 1.05
 
@@ -217,7 +217,8 @@ def part1(args: argparse.Namespace, root: Path, device: torch.device) -> None:
     m = sum(int(b.desc_tokens.shape[0]) for b in batches) / len(batches)
     print(f"== Part 1: train step, arch {args.arch} ({image_size} px, embed {arch['embed_dim']}, "
           f"vision {arch['vision_cfg']['width']}x{arch['vision_cfg']['layers']}, text {arch['text_cfg']['width']}x"
-          f"{arch['text_cfg']['layers']}, decoder {arch['decoder']['layers']} layers x {arch['decoder']['num_region_queries']}+1 queries)")
+          f"{arch['text_cfg']['layers']}, decoder {arch['decoder']['layers']} layers x "
+          f"{_region_queries(arch)}+1 queries, {arch['decoder'].get('query_type', 'learned')})")
     print(f"device {device}{' (bf16 autocast)' if cuda else ' (fp32)'}, torch threads {torch.get_num_threads()}, "
           f"batch {args.batch_size} ({len(batches)} pre-built batches, GRAIN: {m:.1f} descriptions/batch), "
           f"compile {args.compile}, train() extras {args.train_extras}")
@@ -381,6 +382,12 @@ def part2(args: argparse.Namespace, root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def _region_queries(arch: dict) -> int:
+    """Region queries of the decoder: one per patch for query_type "patches", else num_region_queries."""
+    dec, vis = arch["decoder"], arch["vision_cfg"]
+    return (vis["image_size"] // vis["patch_size"]) ** 2 if dec.get("query_type") == "patches" else dec["num_region_queries"]
 
 
 def main() -> None:

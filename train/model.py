@@ -284,7 +284,20 @@ class GrainModel(nn.Module):
         return self.decoder.num_region_queries if self.uses_decoder else 0
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.clip.set_grad_checkpointing(enable)
+        """Recompute each tower block's activations in backward instead of storing them.
+
+        open_clip 3.3's own switch breaks on the QK-norm ViT (with checkpointing on, its Transformer calls every
+        block with the default block's arguments, which a CustomResidualAttentionBlock rejects: TypeError), so
+        such blocks are wrapped here instead.
+        """
+        from open_clip.transformer import CustomResidualAttentionBlock
+
+        for tower in (self.clip.transformer, self.clip.visual.transformer):
+            custom = isinstance(tower.resblocks[0], CustomResidualAttentionBlock)
+            tower.grad_checkpointing = enable and not custom
+            if custom:
+                _wrap_blocks(tower.resblocks, enable)
+
 
     # -- encoders ---------------------------------------------------------------------------------------------
 
@@ -366,6 +379,25 @@ class GrainModel(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         self.clip.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def _wrap_blocks(blocks: nn.ModuleList, enable: bool) -> None:
+    for block in blocks:
+        block.__dict__.pop("forward", None)  # back to the class's forward
+        if enable:
+            block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward: Any) -> Any:
+    """A block forward that recomputes itself in backward while training with gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(forward, x, attn_mask, use_reentrant=False)
+        return forward(x, attn_mask)
+
+    return run
 
 
 _NO_DECAY_NAMES = ("logit_scale", "class_embedding", "positional_embedding", "token_embedding", "query_embed", "ref_logits")
