@@ -201,7 +201,8 @@ def train(
         needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
         descriptions_dir = (descriptions or _descriptions_dir(cfg, samples_dir)) if needs_text else None
         regions_dir = (regions or _regions_dir(cfg, samples_dir)) if cfg.train.mode != "clip" else None
-        target = out or stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir))
+        target = out or (_train_dir(cfg) if not (samples or descriptions or regions) else
+                         stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir)))
         if launcher == "ray":
             from grain.train.launch import train_with_ray
 
@@ -219,6 +220,71 @@ def train(
         typer.echo(f"train {cfg.train.mode}: {steps} steps in {seconds:.1f} s -> {target}")
         if model_dir:
             typer.echo(f"  model: {model_dir}")
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[Path], typer.Option(help="Exported model folder (<run>/model or a checkpoint); default: the train stage's model for this config.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder; default <workdir>/eval/<fingerprint>.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars while encoding images.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Zero-shot classification (names, descriptions, waffle, regions with an α sweep) and retrieval.
+
+    Datasets come from evaluate.datasets (default: the synthetic world's unseen classes, single and distractor
+    splits). Writes results.parquet (dataset, task, mode, metric, value, n) and results.md; image embeddings are
+    cached per (model, dataset) under <workdir>/eval/cache, so rerunning with other modes re-encodes nothing.
+    """
+    _setup_logging(verbose)
+    from grain.evaluate.run import eval_fingerprint
+    from grain.evaluate.run import evaluate as run_evaluate
+    from grain.evaluate.zeroshot import model_hash
+    from grain.shards import stage_dir
+
+    cfg = _load(config, set_)
+    try:
+        model_dir = model or (Path(cfg.evaluate.model) if cfg.evaluate.model else _train_dir(cfg) / "model")
+        if not (model_dir / "grain_model.json").exists():
+            raise FileNotFoundError(f"{model_dir} is not a model folder; run `grain train` first or pass --model")
+        target = out or stage_dir(cfg.workdir, "eval", eval_fingerprint(cfg.evaluate, model_hash(model_dir)))
+        result = run_evaluate(cfg.evaluate, model_dir, target, workdir=cfg.workdir, synthetic=cfg.ingest.synthetic,
+                              progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from grain.evaluate.run import TABLE_FILE
+
+    typer.echo((target / TABLE_FILE).read_text())
+    typer.echo(f"evaluate: {len(result.rows)} rows in {result.seconds:.1f} s ({result.encoded} dataset(s) encoded, "
+               f"{result.cached} from cache) -> {target}")
+
+
+@app.command("describe-classes")
+def describe_classes(
+    classes: Annotated[Path, typer.Argument(help="Text file with one class name per line (index = label).")],
+    out: Annotated[Path, typer.Option(help="DCLIP-format JSON to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Ask the describe engine (describe.engine: openai, transformers or vllm) for visual descriptors of each class
+    name and write DCLIP-format JSON {class: [descriptors]} for description-based zero-shot evaluation."""
+    from grain.annotate.classes import describe_classes as run
+
+    cfg = _load(config, set_)
+    try:
+        names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+        result = run(cfg.describe, names, progress=progress, ray_cfg=cfg.ray)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    out.write_text(result.to_json() + "\n")
+    typer.echo(f"wrote {out}: {len(names)} classes, {sum(len(v) for v in result.descriptors.values())} descriptors"
+               + (f"; {len(result.errors)} failed: {', '.join(list(result.errors)[:5])}" if result.errors else ""))
+    if result.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -252,6 +318,17 @@ def inspect(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")
+
+
+def _train_dir(cfg: PipelineConfig) -> Path:
+    from grain.shards import stage_dir
+    from grain.train.loop import train_fingerprint
+
+    samples_dir = _samples_dir(cfg)
+    needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
+    descriptions_dir = _descriptions_dir(cfg, samples_dir) if needs_text else None
+    regions_dir = _regions_dir(cfg, samples_dir) if cfg.train.mode != "clip" else None
+    return stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir))
 
 
 def _regions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:

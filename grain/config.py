@@ -237,6 +237,52 @@ class TrainConfig(_Frozen):
         return self.model_dump(mode="json", exclude=skip)
 
 
+class EvalDatasetConfig(_Frozen):
+    """One evaluation dataset (docs/evaluate.md). Everything local; nothing is downloaded."""
+
+    name: str = Field(..., min_length=1, description="Name in the results table.")
+    kind: Literal["synthetic", "clip_benchmark", "image_folder", "list", "karpathy", "samples"] = Field(
+        ..., description="synthetic: a split of the built-in world (unseen classes); clip_benchmark: CLIP_benchmark's "
+        "webdataset eval folder; image_folder: root/<class>/<image>; list: CSV/JSON(L) of (image, label); karpathy: "
+        "Karpathy-split JSON for retrieval; samples: a samples/ folder with a label column.",
+    )
+    path: str | None = Field(None, description="Folder or file of the dataset (not for synthetic).")
+    split: str = Field("test", description="clip_benchmark / karpathy split; synthetic: single | distractor | swap.")
+    image_root: str | None = Field(None, description="list / karpathy: folder image paths are relative to.")
+    classnames: str | None = Field(None, description="File with one class name per line (index = label), where the format needs it.")
+    descriptors: str | None = Field(None, description="DCLIP-format JSON {class: [descriptors]}; synthetic: built in.")
+    templates: list[str] | None = Field(None, description="Prompt templates with {c}; default: the dataset's or 'a photo of a {c}.'.")
+    num_images: int = Field(400, ge=1, description="synthetic: images in the split.")
+    retrieval: bool = Field(False, description="samples: also evaluate caption retrieval on it.")
+
+
+def _default_eval_datasets() -> list[EvalDatasetConfig]:
+    return [EvalDatasetConfig(name="synthetic-single", kind="synthetic", split="single"),
+            EvalDatasetConfig(name="synthetic-distractor", kind="synthetic", split="distractor")]
+
+
+class EvalConfig(_Frozen):
+    """Evaluate: zero-shot classification (names, descriptions, waffle, regions) and retrieval."""
+
+    model: str | None = Field(None, description="Exported model folder; null = the train stage's model for this config.")
+    datasets: list[EvalDatasetConfig] = Field(default_factory=_default_eval_datasets)
+    modes: list[Literal["names", "descriptions", "waffle", "regions"]] = Field(
+        default_factory=lambda: ["names", "descriptions", "waffle", "regions"], description="Classification modes to run."
+    )
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                description="regions: the α sweep (α = weight of the global score).")
+    regions_global: Literal["descriptions", "names"] = Field("descriptions", description="regions: the global score's class embedding.")
+    empty_descriptors: Literal["error", "names"] = Field(
+        "error", description="A class with an empty descriptor list: error, or fall back to its name prompt."
+    )
+    extra_descriptors: Literal["error", "ignore"] = Field("error", description="Descriptor JSON keys that are not classes of the dataset.")
+    waffle_count: int | None = Field(None, ge=1, description="Random descriptors per class; null = the real files' mean count.")
+    waffle_seed: int = Field(0)
+    batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
+    device: str = Field("auto", description="auto: cuda when available, else cpu.")
+    retrieval_chunk: int = Field(1024, ge=1, description="Rows per chunk of the retrieval score matrix (bounds memory).")
+
+
 class RayConfig(_Frozen):
     """Where Ray Data runs describe/ground work. Not part of any fingerprint: it changes how, not what."""
 
@@ -258,6 +304,7 @@ class PipelineConfig(_Frozen):
     describe: DescribeConfig = DescribeConfig()
     ground: GroundConfig = GroundConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("workdir")

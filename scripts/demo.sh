@@ -9,3 +9,4 @@ bash scripts/setup.sh
 .venv/bin/grain ground --config configs/default.yaml "$@"
 .venv/bin/grain inspect --config configs/default.yaml "$@"
 .venv/bin/grain train --config configs/default.yaml "$@"
+.venv/bin/grain evaluate --config configs/default.yaml "$@"

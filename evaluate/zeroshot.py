@@ -1,0 +1,207 @@
+"""Zero-shot scoring: image and text embeddings (cached), class embeddings, and the four classification modes.
+
+Modes (METHOD.md "Inference"; PEERS.md for DCLIP/WaffleCLIP):
+
+* ``names``: class embedding = mean over templates of the normalised embeddings of ``template(class)``,
+  re-normalised; score = cosine with the global image embedding.
+* ``descriptions`` (DCLIP): class embedding = mean over the class's descriptors of the normalised embeddings of
+  "``template(class)``, which (is/has) ``descriptor``", re-normalised (the authors did not re-normalise: a class
+  with many or similar descriptors then scored differently only because of its vector's length). Classes with no
+  descriptor fall back to their ``names`` embedding when the policy allows empty lists.
+* ``waffle`` (WaffleCLIP control): the same with random-word descriptors (seeded; as many per class as the real
+  descriptor file has on average). A description-based claim must beat this.
+* ``regions`` (GRAIN): region score for class c = mean over the image's region queries of the max cosine to c's
+  raw descriptors; logits = α · global + (1 − α) · region, global = the ``descriptions`` score. Reported for every
+  α of the sweep. Needs a model with region queries (grain / no_rd / no_box modes).
+
+Embeddings of a (model, dataset) pair are cached on disk (``EmbeddingCache``) so trying several modes or α values
+re-encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from grain.train.data import load_image
+from grain.train.model import GrainModel
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Content hash of an exported model folder (weights + arch): names its embedding cache."""
+    h = hashlib.sha256()
+    for name in ("grain_model.json", "model.safetensors"):
+        with open(Path(model_dir) / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *, batch_size: int = 64,
+                  device: str | torch.device = "cpu", progress: bool = False, desc: str = "images") -> dict[str, Tensor]:
+    """{"image_embed": [N,D]} (+ "region_embed": [N,Q,D] for decoder models), normalised, float32 on CPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    size = model.image_size
+    out: dict[str, list[Tensor]] = {"image_embed": [], "region_embed": []}
+    bar = tqdm(total=count, desc=f"encode {desc}", unit="img", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, count, batch_size):
+            idx = range(start, min(count, start + batch_size))
+            arrays = list(pool.map(lambda i: load_image(load(i), size), idx))
+            enc = model.encode_image(torch.from_numpy(np.stack(arrays)).to(device))
+            out["image_embed"].append(enc["image_embed"].float().cpu())
+            if "region_embed" in enc:
+                out["region_embed"].append(enc["region_embed"].float().cpu())
+            bar.update(len(idx))
+    bar.close()
+    result = {"image_embed": torch.cat(out["image_embed"]) if out["image_embed"] else torch.zeros(0, 0)}
+    if out["region_embed"]:
+        result["region_embed"] = torch.cat(out["region_embed"])
+    return result
+
+
+class TextEncoder:
+    """Embeds strings with the model's text tower (normalised [N,D]); memoises repeated strings."""
+
+    def __init__(self, model: GrainModel, device: str | torch.device = "cpu", batch_size: int = 256) -> None:
+        import open_clip.tokenizer
+
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+        self._memo: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            emb = self.model.encode_text(self.tokenizer(chunk).to(self.device)).float().cpu()
+            self._memo.update(zip(chunk, emb))
+        if not texts:
+            return torch.zeros(0, self.model.arch["embed_dim"])
+        return torch.stack([self._memo[t] for t in texts])
+
+
+class EmbeddingCache:
+    """``<root>/<model hash>/<dataset fingerprint>.safetensors``: image (and region) embeddings of one pair."""
+
+    def __init__(self, root: str | Path, model_key: str) -> None:
+        self.dir = Path(root) / model_key
+
+    def path(self, dataset_fp: str) -> Path:
+        return self.dir / f"{dataset_fp}.safetensors"
+
+    def get_or_compute(self, dataset_fp: str, compute: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], bool]:
+        """(embeddings, hit) — computes, stores atomically and returns on a miss."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.path(dataset_fp)
+        if path.exists():
+            return load_file(str(path)), True
+        emb = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in emb.items()}, str(tmp))
+        tmp.replace(path)
+        return emb, False
+
+
+# ------------------------------------------------------------------------------------------------ classes
+
+
+def names_embeddings(text: TextEncoder, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
+    """[C,D]: per class the mean of the normalised template embeddings, re-normalised."""
+    from grain.evaluate.datasets import fill_template
+
+    prompts = [fill_template(t, c) for c in classnames for t in templates]
+    emb = text(prompts).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def descriptor_embeddings(text: TextEncoder, classnames: Sequence[str], descriptors: Sequence[Sequence[str]],
+                          template: str, fallback: Tensor | None = None) -> Tensor:
+    """[C,D]: per class the mean of normalised DCLIP sentence embeddings, re-normalised (fallback rows for [])."""
+    from grain.evaluate.descriptors import descriptor_sentence
+
+    rows = []
+    for c, (name, descs) in enumerate(zip(classnames, descriptors)):
+        if not descs:
+            if fallback is None:
+                raise ValueError(f"class {name!r} has no descriptors and no fallback embedding")
+            rows.append(fallback[c])
+            continue
+        emb = text([descriptor_sentence(name, d, template) for d in descs])
+        rows.append(F.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+def waffle_descriptors(classnames: Sequence[str], count: int, seed: int) -> list[list[str]]:
+    """WaffleCLIP-style random descriptors: pairs of random English-like words and random character strings,
+    drawn from the CLIP BPE vocabulary with a seeded generator; ``count`` per class."""
+    words = _vocab_words()
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out = []
+    for _ in classnames:
+        descs = []
+        for j in range(count):
+            if j % 2 == 0:
+                descs.append(" ".join(words[i] for i in rng.integers(0, len(words), 2)))
+            else:
+                descs.append(" ".join("".join(rng.choice(letters, size=int(rng.integers(3, 9)))) for _ in range(2)))
+        out.append(descs)
+    return out
+
+
+_WORDS: list[str] = []
+
+
+def _vocab_words() -> list[str]:
+    if not _WORDS:
+        import gzip
+        from importlib import resources
+
+        path = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
+        with gzip.open(str(path), "rt", encoding="utf-8") as fh:
+            merges = fh.read().split("\n")[1:]
+        words = {m.replace(" ", "")[:-4] for m in merges if m.endswith("</w>")}
+        _WORDS.extend(sorted(w for w in words if w.isalpha() and w.isascii() and 3 <= len(w) <= 10))
+    return _WORDS
+
+
+def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor], chunk: int = 256) -> Tensor:
+    """[N,C]: for class c, the mean over the Q region queries of the max cosine to c's descriptor embeddings.
+
+    region_embed [N,Q,D] normalised; class_descriptor_embeds: C tensors [n_c,D] (n_c ≥ 1), normalised.
+    """
+    n = region_embed.shape[0]
+    sizes = [e.shape[0] for e in class_descriptor_embeds]
+    if min(sizes, default=1) == 0:
+        raise ValueError("every class needs at least one descriptor (or a fallback) for region scoring")
+    flat = torch.cat(list(class_descriptor_embeds))  # [ΣN_c, D]
+    owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    out = torch.empty(n, len(sizes))
+    for start in range(0, n, chunk):
+        sim = region_embed[start : start + chunk] @ flat.T  # [n,Q,ΣN_c]
+        best = torch.full((sim.shape[0], sim.shape[1], len(sizes)), float("-inf"))
+        best = best.scatter_reduce(2, owners.expand(sim.shape[0], sim.shape[1], -1), sim, reduce="amax")
+        out[start : start + chunk] = best.mean(dim=1)
+    return out
+
+
+def cache_key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
