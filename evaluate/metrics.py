@@ -15,7 +15,7 @@ scores without ties both agree.)
 
 Memory: score matrices are never materialised whole. Rows are processed in chunks, so the extra memory is about
 ``chunk × (number of columns)`` float32 scores (one buffer, reused) plus a few MiB of comparison temporaries (the
-comparisons run on sub-blocks of ~2^18 scores); the caller's embeddings are used as given (normalise them first if
+comparisons run on sub-blocks of ~2^19 scores); the caller's embeddings are used as given (normalise them first if
 cosine similarity is wanted) and cast to float32 once (no copy if already float32).
 
 Differences from CLIP_benchmark, on purpose:
@@ -48,7 +48,8 @@ __all__ = [
 
 DEFAULT_CLASSIFICATION_CHUNK = 4096
 DEFAULT_RETRIEVAL_CHUNK = 1024
-_SUB_BLOCK_ELEMENTS = 1 << 18  # scores compared at a time inside a chunk (bool + int64 temporaries: ~2.3 MiB)
+_SUB_BLOCK_ELEMENTS = 1 << 19  # comparison path: scores compared at a time (bool + int32 temporaries: ~2.5 MiB)
+_EXACT_COUNT_LIMIT = 1 << 24  # in-place path: float32 holds every integer count below this exactly
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -136,33 +137,84 @@ def _embeddings_f32(x: ArrayLike, name: str, device: torch.device | None = None)
     return t
 
 
-def _ranks_chunk(scores: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+def _ranks_chunk(scores: torch.Tensor, true: torch.Tensor, consume: bool = False) -> torch.Tensor:
     """Rank of ``true[r]`` in row ``r`` of ``scores`` ``[b, C]`` -> ``[b]`` int64 (tie rule of :func:`ranks_of_true`).
 
-    ``true`` must already be validated (int64, in range, on the scores' device). The comparisons run on sub-blocks
-    of about ``_SUB_BLOCK_ELEMENTS`` scores: torch counts a bool mask by first casting it to int64, which on a
-    whole ``[b, C]`` chunk would cost twice the chunk's own memory (and is slower than cache-sized blocks).
+    ``true`` must already be validated (int64, in range, on the scores' device). With ``consume=True`` the caller
+    hands over a float32 buffer it will not read again, and the in-place path (:func:`_ranks_inplace`) is used when
+    it applies; otherwise :func:`_ranks_compare`.
+    """
+    if consume and scores.dtype == torch.float32 and scores.shape[1] < _EXACT_COUNT_LIMIT:
+        if bool(torch.isfinite(scores.sum())):  # no NaN / inf in the chunk (a false alarm just takes the other path)
+            return _ranks_inplace(scores, true)
+    return _ranks_compare(scores, true)
+
+
+def _ranks_inplace(scores: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """:func:`_ranks_chunk` for finite float32 scores, overwriting them: a few in-place passes, no temporaries.
+
+    ``d = sign(s - t)`` per element (t = the row's true score) is -1 / 0 / +1 exactly as ``s < t`` / ``s == t`` /
+    ``s > t``: IEEE subtraction of two finite floats is zero only if they are equal, given gradual underflow (the
+    callers check it, :func:`_exact_subtraction`), and rounding never flips a sign (an overflow to ±inf keeps it).
+    Row sums ``Σd = gt − lt`` and ``Σ|d| = gt + lt`` are sums of small integers, exact in float32 below 2^24
+    columns, so ``gt = (Σd + Σ|d|) / 2`` and ``eq = C − Σ|d|`` (the true column included). Only rows with ``eq > 1``
+    need the lower-index count, read from the zeros of ``|d|``.
     """
     b, c = scores.shape
+    t = scores.gather(1, true[:, None])  # [b, 1]
+    d = scores.sub_(t).sign_()  # [b, C] in place: -1 / 0 / +1
+    # float32 sums (a dtype= argument would make torch cast the whole chunk first): exact, every partial sum is an
+    # integer below 2^24 whatever the summation order
+    diff = d.sum(1).double()  # gt - lt
+    nonzero = d.abs_().sum(1).double()  # gt + lt
+    rank = ((diff + nonzero) / 2).round().long()  # gt
+    tied = (nonzero < c - 1).nonzero().squeeze(1)  # eq = c - nonzero > 1: another column ties with the true one
+    if tied.numel():
+        cols = torch.arange(c, device=scores.device)
+        rank[tied] += ((d[tied] == 0) & (cols[None, :] < true[tied, None])).sum(1)
+    return rank
+
+
+def _ranks_compare(scores: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """:func:`_ranks_chunk` by comparisons, any real dtype, ``scores`` left untouched.
+
+    The comparisons run on sub-blocks of about ``_SUB_BLOCK_ELEMENTS`` scores: torch counts a bool mask by casting
+    it to an integer type first, which on a whole ``[b, C]`` chunk would cost up to twice the chunk's own memory.
+    """
+    b, c = scores.shape
+    if scores.dtype.is_floating_point and not bool(torch.isfinite(scores.sum())):
+        # cheap screen over the chunk; only when it fires (NaN, or legitimately infinite scores) check exactly
+        nan_rows = torch.isnan(scores).any(1).nonzero()
+        if nan_rows.numel():
+            row = int(nan_rows[0, 0])
+            raise ValueError(f"scores contain NaN (row {row} of this chunk); ranks would be meaningless")
     rank = torch.empty(b, dtype=torch.int64, device=scores.device)
     rows = max(1, _SUB_BLOCK_ELEMENTS // max(c, 1))
     cols = None
     for i in range(0, b, rows):
         s = scores[i : i + rows]
         y = true[i : i + rows]
-        if s.dtype.is_floating_point and bool(torch.isnan(s).any()):
-            bad = i + int(torch.isnan(s).any(1).nonzero()[0, 0])
-            raise ValueError(f"scores contain NaN (row {bad} of this chunk); ranks would be meaningless")
         t = s.gather(1, y[:, None])  # [r, 1] score of the true column
-        r = (s > t).sum(1)  # [r] int64: columns strictly better
+        r = (s > t).sum(1, dtype=torch.int32)  # [r]: columns strictly better
         equal = s == t  # [r, C]; the true column itself is always equal
-        tied = (equal.sum(1) > 1).nonzero().squeeze(1)  # rows where another column ties with the true one
+        tied = (equal.sum(1, dtype=torch.int32) > 1).nonzero().squeeze(1)  # another column ties with the true one
         if tied.numel():
             if cols is None:
                 cols = torch.arange(c, device=scores.device)
-            r[tied] += (equal[tied] & (cols[None, :] < y[tied, None])).sum(1)  # equal AND lower index
+            r[tied] += (equal[tied] & (cols[None, :] < y[tied, None])).sum(1, dtype=torch.int32)  # equal, lower index
         rank[i : i + rows] = r
     return rank
+
+
+def _exact_subtraction(device: torch.device) -> bool:
+    """True if float32 ``x - y`` is nonzero for every ``x != y`` on ``device`` (gradual underflow, no flush-to-zero).
+
+    ``torch.set_flush_denormal(True)`` (or a device without subnormals) would make two distinct tiny scores look
+    tied to the in-place ranker; then the comparison path is used instead.
+    """
+    x = torch.tensor([1.5 * 2.0**-126], dtype=torch.float32, device=device)
+    y = torch.tensor([2.0**-126], dtype=torch.float32, device=device)
+    return bool((x - y != 0).all())
 
 
 # ------------------------------------------------------------------------------------------------------ ranks
@@ -175,7 +227,8 @@ def ranks_of_true(scores: ArrayLike, true: ArrayLike, chunk: int = DEFAULT_CLASS
         scores: ``[N, C]`` real scores (torch tensor, numpy array or nested sequence); higher is better.
             float16/bfloat16 are widened to float32 (exactly), other dtypes are compared as given. NaN is an error.
         true: ``[N]`` integer column of the true item of each row, in ``[0, C)``.
-        chunk: rows handled at a time (bounds the temporary ``[chunk, C]`` masks).
+        chunk: rows handled per step (the comparison temporaries are bounded by internal sub-blocks of ~2^19
+            scores in any case).
 
     Returns:
         ``[N]`` int64 ranks — a numpy array if ``scores`` is a numpy array, else a torch tensor on the scores'
@@ -229,6 +282,18 @@ def classification_metrics(
         of the fraction of that class's samples ranked first (classes without samples are excluded and counted
         in ``classes_without_samples``).
     """
+    return _classification(logits, labels, ks, chunk, num_classes, consume=False)
+
+
+def _classification(
+    logits: ArrayLike | ScoreFn,
+    labels: ArrayLike,
+    ks: Iterable[int],
+    chunk: int,
+    num_classes: int | None,
+    consume: bool,
+) -> dict[str, float | int]:
+    """:func:`classification_metrics`; ``consume``: each chunk of scores is a buffer the ranker may overwrite."""
     ks = _check_ks(ks)
     chunk = _check_chunk(chunk)
     y_all = _as_tensor(labels, "labels")
@@ -260,7 +325,9 @@ def classification_metrics(
         stop = min(start + chunk, n)
         s = _score_dtype(_as_tensor(score_fn(start, stop), "logits chunk"))
         if s.dim() != 2 or s.shape[0] != stop - start:
-            raise ValueError(f"scores for rows [{start}, {stop}) must have shape [{stop - start}, C], got {tuple(s.shape)}")
+            raise ValueError(
+                f"scores for rows [{start}, {stop}) must have shape [{stop - start}, C], got {tuple(s.shape)}"
+            )
         if c is None:
             c = s.shape[1]
         elif s.shape[1] != c:
@@ -269,7 +336,7 @@ def classification_metrics(
             raise ValueError("logits have no columns (no classes)")
         if y is None:  # validate all labels once C is known, before any work
             y = _check_index_vector(y_all, "labels", n, c, "samples").to(s.device)
-        ranks.append(_ranks_chunk(s, y[start:stop]))
+        ranks.append(_ranks_chunk(s, y[start:stop], consume=consume))
     assert y is not None and c is not None
     rank = torch.cat(ranks)
 
@@ -323,7 +390,7 @@ def classification_metrics_from_embeddings(
     y = _as_tensor(labels, "labels")
     if y.dim() != 1 or y.shape[0] != img.shape[0]:
         raise ValueError(f"image_emb has {img.shape[0]} rows but labels has shape {tuple(y.shape)}")
-    return classification_metrics(scores, y, ks=ks, chunk=chunk, num_classes=cls.shape[0])
+    return _classification(scores, y, ks, chunk, c, consume=_exact_subtraction(img.device))
 
 
 # ------------------------------------------------------------------------------------------------------ retrieval
@@ -421,6 +488,7 @@ def retrieval_metrics(
     # One score buffer for every chunk of both passes (torch.matmul(out=...)): allocating a fresh block per chunk
     # lets the allocator keep freed blocks around, and the process RSS then grows well past one block.
     work = torch.empty(max(min(chunk, m) * n, min(chunk, n) * m), dtype=torch.float32, device=img.device)
+    consume = _exact_subtraction(img.device)  # the buffer is ours: the ranker may overwrite it
 
     # text -> image: chunks of texts × all images
     t2i_rank = torch.empty(m, dtype=torch.int64, device=img.device)
@@ -428,7 +496,7 @@ def retrieval_metrics(
     for i in range(0, m, chunk):
         b = min(chunk, m - i)
         s = torch.matmul(txt[i : i + b], img_t, out=work[: b * n].view(b, n))  # [b, N]
-        t2i_rank[i : i + b] = _ranks_chunk(s, owner[i : i + b])
+        t2i_rank[i : i + b] = _ranks_chunk(s, owner[i : i + b], consume)
 
     # image -> text: chunks of images × all texts; rank of the image's best caption = min rank over its captions
     i2t_rank = torch.empty(n, dtype=torch.int64, device=img.device)
@@ -437,7 +505,7 @@ def retrieval_metrics(
         b = min(chunk, n - i)
         s = torch.matmul(img[i : i + b], txt_t, out=work[: b * m].view(b, m))  # [b, M]
         best = _best_caption(s, table[i : i + b])
-        i2t_rank[i : i + b] = _ranks_chunk(s, best)
+        i2t_rank[i : i + b] = _ranks_chunk(s, best, consume)
     del work, s
 
     out: dict[str, float | int] = {}

@@ -287,6 +287,38 @@ def describe_classes(
         raise typer.Exit(1)
 
 
+@app.command("run")
+def run_pipeline(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    launcher: Annotated[str, typer.Option(help="Training launcher: local or ray.")] = "local",
+) -> None:
+    """Run the full pipeline (ingest → describe → ground → train → evaluate → report) as the Prefect flow `grain`,
+    in this process. Without PREFECT_API_URL, Prefect starts a temporary local server; with it, the run shows in
+    that server's UI. Finished stages are Cached; an interrupted stage resumes where it stopped."""
+    from grain.flows.pipeline import full_pipeline
+
+    _load(config, set_)  # config errors before Prefect starts
+    result = full_pipeline(str(config) if config else None, list(set_ or []), launcher)
+    typer.echo(Path(result["report"]).read_text())
+    typer.echo(f"report: {result['report']}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="Flow runs at once (default: no limit).")] = None,
+) -> None:
+    """Register and serve the deployments grain/full-pipeline and one per stage (grain-ingest/ingest, …) against
+    the Prefect server in PREFECT_API_URL; then `prefect deployment run grain/full-pipeline --watch` runs it.
+    --config/--set become the deployments' default parameters."""
+    from grain.flows.serve import serve_all
+
+    _load(config, set_)
+    serve_all(str(config.resolve()) if config else None, list(set_ or []), limit=limit)
+
+
 @app.command()
 def inspect(
     config: ConfigOpt = None,
@@ -321,36 +353,31 @@ def inspect(
 
 
 def _train_dir(cfg: PipelineConfig) -> Path:
-    from grain.shards import stage_dir
-    from grain.train.loop import train_fingerprint
+    from grain import pipeline
 
     samples_dir = _samples_dir(cfg)
     needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
     descriptions_dir = _descriptions_dir(cfg, samples_dir) if needs_text else None
     regions_dir = _regions_dir(cfg, samples_dir) if cfg.train.mode != "clip" else None
-    return stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir))
+    return pipeline.train_dir(cfg, samples_dir, descriptions_dir, regions_dir)
 
 
 def _regions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
-    from grain.annotate.ground import ground_fingerprint
-    from grain.shards import stage_dir
+    from grain import pipeline
 
-    descriptions_dir = _descriptions_dir(cfg, samples_dir)
-    return stage_dir(cfg.workdir, "regions", ground_fingerprint(cfg.ground, samples_dir, descriptions_dir))
+    return pipeline.regions_dir(cfg, samples_dir, _descriptions_dir(cfg, samples_dir))
 
 
 def _descriptions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
-    from grain.annotate.describe import describe_fingerprint
-    from grain.shards import stage_dir
+    from grain import pipeline
 
-    return stage_dir(cfg.workdir, "descriptions", describe_fingerprint(cfg.describe, samples_dir))
+    return pipeline.descriptions_dir(cfg, samples_dir)
 
 
 def _samples_dir(cfg: PipelineConfig) -> Path:
-    from grain.data.ingest import ingest_fingerprint
-    from grain.shards import stage_dir
+    from grain import pipeline
 
-    return stage_dir(cfg.workdir, "samples", ingest_fingerprint(cfg.ingest))
+    return pipeline.samples_dir(cfg)
 
 
 def _report(result) -> None:  # noqa: ANN001 - a grain.shards.StageResult

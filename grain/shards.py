@@ -17,6 +17,7 @@ warm rerun finds every marker and does no work. Shards are split between process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -404,6 +405,7 @@ class StageRun:
     def record(self, marker: Mapping[str, Any]) -> None:
         """Note a shard committed elsewhere (a worker process) as run by this StageRun."""
         self.result.shards_run.append(marker["index"])
+        _notify(self.stage, self.out_dir, len(finished_shards(self.out_dir)), len(self.shards))
 
     def finish(self) -> StageResult:
         """Write _SUCCESS.json if every shard (all ranks) is committed; return the result."""
@@ -416,6 +418,7 @@ class StageRun:
             result.complete = True
             result.totals = totals
         result.seconds = time.perf_counter() - self._t0
+        _notify(self.stage, self.out_dir, len(finished_shards(self.out_dir)), len(self.shards))
         return result
 
 
@@ -477,6 +480,29 @@ def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
     totals["seconds"] = round(totals["seconds"], 3)
     totals["quarantined"] = dict(sorted(quarantined.items()))
     return totals
+
+
+_LISTENERS: list[Callable[[str, Path, int, int], None]] = []
+
+
+@contextlib.contextmanager
+def progress_listener(fn: Callable[[str, Path, int, int], None]) -> Iterator[None]:
+    """Call ``fn(stage, out_dir, shards_done, shards_total)`` whenever a stage in this process commits a shard
+    (and when it finishes) — how an orchestrator (the Prefect flows) shows live progress without the stages
+    knowing about it. A failing listener is logged, never fatal."""
+    _LISTENERS.append(fn)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(fn)
+
+
+def _notify(stage: str, out_dir: Path, done: int, total: int) -> None:
+    for fn in list(_LISTENERS):
+        try:
+            fn(stage, out_dir, done, total)
+        except Exception:  # noqa: BLE001 - progress reporting must never break a stage
+            log.warning("progress listener failed", exc_info=True)
 
 
 def progress_bar(stage: str, total: int, initial: int, enabled: bool, unit: str = "shard") -> Any:

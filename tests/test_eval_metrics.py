@@ -116,6 +116,30 @@ def ragged(rng, n_images: int, d: int, levels: int):
     return img, txt, text_image
 
 
+@pytest.fixture(params=["inplace", "compare"])
+def ranker(request, monkeypatch):
+    """Run a test through both rankers of the embedding-based metrics, and check the chosen one really ran.
+
+    "inplace": the default on CPU (the metrics own their score buffer and overwrite it); "compare": what they fall
+    back to when float32 subtraction is not exact (flush-to-zero), forced here.
+    """
+    calls = {"inplace": 0, "compare": 0}
+    for name in calls:
+        real = getattr(metrics, f"_ranks_{name}")
+
+        def spy(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(metrics, f"_ranks_{name}", spy)
+    if request.param == "compare":
+        monkeypatch.setattr(metrics, "_exact_subtraction", lambda device: False)
+    yield request.param
+    assert calls[request.param] > 0, f"the {request.param} ranker never ran"
+    if request.param == "compare":
+        assert calls["inplace"] == 0
+
+
 def assert_same(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
@@ -220,7 +244,7 @@ def test_classification_matches_naive(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_classification_from_embeddings_matches_naive(seed):
+def test_classification_from_embeddings_matches_naive(seed, ranker):
     rng = np.random.default_rng(200 + seed)
     n, c, d = int(rng.integers(1, 50)), int(rng.integers(2, 9)), 6
     img, cls = grid(rng, (n, d), 1), grid(rng, (c, d), 1)  # {-.25, 0, .25}: lots of tied scores
@@ -293,7 +317,7 @@ def test_classification_errors():
 # ------------------------------------------------------------------------------------------------ retrieval
 
 
-def test_retrieval_hand_example():
+def test_retrieval_hand_example(ranker):
     img = np.array([[1, 0], [0, 1]], dtype=np.float32)
     txt = np.array([[1, 0], [0, 1], [0, 1]], dtype=np.float32)
     text_image = np.array([0, 0, 1])
@@ -315,7 +339,7 @@ def test_retrieval_hand_example():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_retrieval_karpathy_five_captions_matches_naive(seed):
+def test_retrieval_karpathy_five_captions_matches_naive(seed, ranker):
     rng = np.random.default_rng(300 + seed)
     levels = 1 if seed % 2 else 3  # odd seeds: tie-heavy
     img, txt, text_image = karpathy_like(rng, n_images=int(rng.integers(1, 25)), per_image=5, d=6, levels=levels)
@@ -328,7 +352,7 @@ def test_retrieval_karpathy_five_captions_matches_naive(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_retrieval_ragged_captions_matches_naive(seed):
+def test_retrieval_ragged_captions_matches_naive(seed, ranker):
     rng = np.random.default_rng(400 + seed)
     img, txt, text_image = ragged(rng, n_images=int(rng.integers(1, 30)), d=5, levels=1 + seed % 3)
     ks = (1, 3, 5)
@@ -382,8 +406,9 @@ def test_retrieval_errors():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sub_blocks_inside_a_chunk_match_naive(seed, monkeypatch):
-    """Comparisons run on sub-blocks of rows inside a chunk; force tiny sub-blocks (1-2 rows) and compare."""
+    """The comparison ranker works on sub-blocks of rows inside a chunk; force tiny sub-blocks (1-2 rows)."""
     monkeypatch.setattr(metrics, "_SUB_BLOCK_ELEMENTS", 7)
+    monkeypatch.setattr(metrics, "_exact_subtraction", lambda device: False)
     rng = np.random.default_rng(500 + seed)
     img, txt, text_image = karpathy_like(rng, n_images=9, per_image=5, d=4, levels=1)
     want = naive_retrieval(img, txt, text_image, (1, 5, 10))
@@ -404,3 +429,27 @@ def test_huge_finite_embeddings_are_accepted_and_nan_scores_rejected():
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics(np.array([[3e38, 3e38]], np.float32), np.array([[3e38, -3e38]], np.float32),
                           np.array([0]))
+
+
+def test_inplace_ranker_falls_back_beyond_exact_counts(monkeypatch):
+    """More columns than float32 counts exactly (limit lowered here): the comparison ranker is used instead."""
+    rng = np.random.default_rng(9)
+    img, txt, text_image = karpathy_like(rng, n_images=6, per_image=5, d=4, levels=1)
+    want = naive_retrieval(img, txt, text_image, (1, 5, 10))
+    monkeypatch.setattr(metrics, "_EXACT_COUNT_LIMIT", 7)  # t2i has 6 columns (in-place), i2t 30 (compare)
+    used = []
+    for name in ("inplace", "compare"):
+        real = getattr(metrics, f"_ranks_{name}")
+        monkeypatch.setattr(metrics, f"_ranks_{name}", lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+    assert_same(retrieval_metrics(img, txt, text_image, chunk=4), want)
+    assert set(used) == {"inplace", "compare"}
+
+
+def test_exact_subtraction_probe():
+    assert metrics._exact_subtraction(torch.device("cpu"))
+    if torch.set_flush_denormal(True):  # flush-to-zero supported on this CPU
+        try:
+            assert not metrics._exact_subtraction(torch.device("cpu"))
+        finally:
+            torch.set_flush_denormal(False)
+    assert metrics._exact_subtraction(torch.device("cpu"))

@@ -1,0 +1,217 @@
+"""Prefect orchestration against a real Prefect server on 127.0.0.1 (temp PREFECT_HOME): `grain serve` +
+`prefect deployment run grain/full-pipeline --watch`, cached reruns, a changed train config, and a run killed by
+SIGKILL during training that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+TINY = """\
+workdir: {work}
+ingest:
+  num_shards: 2
+  synthetic: {{num_images: 128}}
+train:
+  steps: {steps}
+  batch_size: 16
+  warmup_steps: 2
+  checkpoint_every: {every}
+  log_every: 1
+evaluate:
+  datasets:
+    - {{name: single, kind: synthetic, split: single, num_images: 40}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(PREFECT_HOME=str(root / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PREFECT_LOGGING_LEVEL="INFO")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "Prefect server did not become healthy"
+            time.sleep(0.5)
+        yield {"env": env, "root": root, "api": env["PREFECT_API_URL"]}
+    finally:
+        _stop(proc)
+
+
+def _task_states(api: str, since: float) -> dict[str, list[str]]:
+    """Task name -> state names of the stage task runs that started after ``since`` (epoch seconds)."""
+    body = {"sort": "EXPECTED_START_TIME_DESC", "limit": 200}
+    runs = httpx.post(f"{api}/task_runs/filter", json=body, timeout=30).json()
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        ts = datetime.fromisoformat(r["created"].replace("Z", "+00:00")).timestamp()
+        if ts + 1 >= since and r["name"].split(" ")[0] in ("ingest", "describe", "ground", "train", "evaluate"):
+            out.setdefault(r["name"].split(" ")[0], []).append(r["state_name"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(server):
+    cfg = server["root"] / "tiny.yaml"
+    cfg.write_text(TINY.format(work=server["root"] / "work", steps=10, every=10))
+    proc = subprocess.Popen([str(BIN / "grain"), "serve", "--config", str(cfg)], env=server["env"],
+                            stdout=open(server["root"] / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # the deployment exists once serve registered it
+            r = httpx.get(f"{server['api']}/deployments/name/grain/full-pipeline", timeout=5)
+            if r.status_code == 200:
+                break
+            assert proc.poll() is None, (server["root"] / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.5)
+        yield {**server, "config": cfg}
+    finally:
+        _stop(proc)
+
+
+def _deployment_run(served, *params: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    cmd = [str(BIN / "prefect"), "deployment", "run", "grain/full-pipeline", "--watch"]
+    for p in params:
+        cmd += ["--param", p]
+    proc = subprocess.run(cmd, env=served["env"], capture_output=True, text=True, timeout=600)
+    return proc, t0
+
+
+def test_deployment_run_then_cached_rerun_then_changed_train(served):
+    work = served["root"] / "work"
+    proc, t0 = _deployment_run(served)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Completed" in proc.stdout
+    reports = list((work / "reports").glob("*.md"))
+    assert len(reports) == 1 and "| single | classification | regions@0.5 |" in reports[0].read_text()
+    assert list(work.glob("eval/*/results.parquet")) and list(work.glob("train/*/model/model.safetensors"))
+    assert list(work.glob("train/*/loss_curve.png"))
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+    _check_ui(served["api"], flow_run_id)
+    first = _task_states(served["api"], t0)
+    assert set(first) == {"ingest", "describe", "ground", "train", "evaluate"}, first
+    assert all(s == ["Completed"] for s in first.values()), first
+
+    # (b) an identical rerun does no stage work: every stage task is Cached, outputs untouched
+    marker = next(work.glob("samples/*/_done/part-00000.json"))
+    mtime = marker.stat().st_mtime_ns
+    proc, t0 = _deployment_run(served)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    again = _task_states(served["api"], t0)
+    assert all(s == ["Cached"] for s in again.values()) and len(again) == 5, again
+    assert marker.stat().st_mtime_ns == mtime
+
+    # (c) a changed train config re-runs train and evaluate only
+    proc, t0 = _deployment_run(served, 'overrides=["train.steps=12"]')
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    changed = _task_states(served["api"], t0)
+    assert changed["ingest"] == changed["describe"] == changed["ground"] == ["Cached"], changed
+    assert changed["train"] == ["Completed"] and changed["evaluate"] == ["Completed"], changed
+    assert len(list(work.glob("train/*/model"))) == 2
+
+
+ARTIFACTS = Path(os.environ.get("GRAIN_CI_ARTIFACTS", Path(__file__).resolve().parents[1] / "ci-artifacts"))
+
+
+def _check_ui(api: str, flow_run_id: str) -> None:
+    """Headless Debian chromium (driven by Playwright, never a downloaded browser) renders the flow run page: the
+    run is Completed, its Subflow Runs tab lists every stage flow, its Artifacts tab shows the report."""
+    from playwright.sync_api import sync_playwright
+
+    url = api.removesuffix("/api") + f"/runs/flow-run/{flow_run_id}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            page.get_by_text("Subflow Runs").first.click()
+            page.get_by_text("grain-evaluate").first.wait_for(timeout=60_000)
+            subflows = page.inner_text("body")
+            page.screenshot(path=str(ARTIFACTS / "ui-flow-run-subflows.png"), full_page=True)
+            page.get_by_text("Artifacts").first.click()
+            page.get_by_text("grain-report").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui-flow-run-artifacts.png"), full_page=True)
+        finally:
+            browser.close()
+    for stage in ("grain-ingest", "grain-describe", "grain-ground", "grain-train", "grain-evaluate"):
+        assert stage in subflows, f"{stage} not on the rendered Subflow Runs tab"
+    assert "full-pipeline" in subflows
+
+
+def test_killed_run_resumes_where_it_stopped(server):
+    """(a) SIGKILL during training: the rerun shows the finished stages Cached and training resumes at its last
+    checkpoint (steps up to the checkpoint are logged once across both runs)."""
+    cfg = server["root"] / "kill.yaml"
+    work = server["root"] / "killwork"
+    cfg.write_text(TINY.format(work=work, steps=40, every=8))
+    cmd = [str(BIN / "grain"), "run", "--config", str(cfg)]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=server["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(work.glob("train/*/checkpoints/step_000008")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = next(work.glob("train/*"))
+    assert not (run_dir / "summary.json").exists(), "training finished before the kill; the test proves nothing"
+
+    t1 = time.time()
+    done = subprocess.run(cmd, env=server["env"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    states = _task_states(server["api"], t1)
+    assert states["ingest"] == states["describe"] == states["ground"] == ["Cached"], states
+    assert states["train"] == ["Completed"] and states["evaluate"] == ["Completed"], states
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(steps.count(s) == 1 for s in range(1, 9)), steps  # not trained again
+    assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
+    assert re.search(r"report: .*\.md", done.stdout)
+    assert t1 > t0
