@@ -16,7 +16,7 @@ A worker:
 Methods:
 
 * ``chunked``: ``grain.evaluate.metrics.retrieval_metrics(..., chunk=--chunk)`` (one reused float32 buffer of
-  ~ chunk × max(N, M) scores + a few MiB of comparison temporaries; two matmul passes, one per direction);
+  ~ chunk × max(N, M) scores, ranked in place; two matmul passes, one per direction);
 * ``full``: the plain way — the whole ``[M, N]`` float32 score matrix ``text @ image.T``, then ``topk`` along each
   axis (text → image: is the text's image in its top-k; image → text: is any of the image's captions in its
   top-k), as CLIP_benchmark's retrieval does (written here, not copied).

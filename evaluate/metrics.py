@@ -14,9 +14,11 @@ scores, on the chunk size, or on the device. (CLIP_benchmark takes ``topk`` and 
 scores without ties both agree.)
 
 Memory: score matrices are never materialised whole. Rows are processed in chunks, so the extra memory is about
-``chunk × (number of columns)`` float32 scores (one buffer, reused) plus a few MiB of comparison temporaries (the
-comparisons run on sub-blocks of ~2^19 scores); the caller's embeddings are used as given (normalise them first if
-cosine similarity is wanted) and cast to float32 once (no copy if already float32).
+``chunk × (number of columns)`` float32 scores. The embedding-based functions compute each chunk into one reused
+buffer and rank it in place (a few passes, no temporaries, see ``_ranks_inplace``); scores handed in by the caller
+are never modified and are ranked by comparisons on sub-blocks of ~2^19 scores (a few MiB of temporaries). The
+caller's embeddings are used as given (normalise them first if cosine similarity is wanted) and cast to float32
+once (no copy if already float32).
 
 Differences from CLIP_benchmark, on purpose:
 
@@ -458,9 +460,9 @@ def retrieval_metrics(
             (e.g. Karpathy COCO: 5 per image).
         ks: recall cut-offs. ``k ≥`` number of candidates means always a hit.
         chunk: texts (text → image) or images (image → text) per matmul. Peak extra memory: one reused float32
-            buffer of ``max(min(chunk, M) × N, min(chunk, N) × M)`` scores (~ ``chunk × max(N, M)``), a few MiB
-            of comparison temporaries, the ``[N, max captions]`` caption table, and float32 copies of the
-            embeddings only if they are not float32 already.
+            buffer of ``max(min(chunk, M) × N, min(chunk, N) × M)`` scores (~ ``chunk × max(N, M)``), ranked in
+            place, the ``[N, max captions]`` caption table, and float32 copies of the embeddings only if they are
+            not float32 already. Two matmul passes (one per direction), so about twice the FLOPs of one big matrix.
 
     Returns:
         ``{"image_retrieval_recall@k": float, "text_retrieval_recall@k": float (for each k), "n_images": N,
