@@ -3,7 +3,6 @@ plus a Markdown table. Plain functions; the CLI (`grain evaluate`) and the Prefe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -233,7 +232,3 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(Path(out_dir) / RESULTS_FILE).to_pylist()
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -21,10 +21,8 @@ re-encodes nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -201,7 +199,3 @@ def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor
         best = best.scatter_reduce(2, owners.expand(sim.shape[0], sim.shape[1], -1), sim, reduce="amax")
         out[start : start + chunk] = best.mean(dim=1)
     return out
-
-
-def cache_key(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

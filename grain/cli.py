@@ -187,8 +187,8 @@ def train(
     `grain train --launcher ray` on a Ray cluster (ray.address). See docs/train.md.
     """
     _setup_logging(verbose)
-    from grain.shards import stage_dir
-    from grain.train.loop import TrainingDiverged, train_fingerprint
+    from grain import pipeline
+    from grain.train.loop import TrainingDiverged
     from grain.train.loop import train as run_train
 
     cfg = _load(config, set_)
@@ -197,12 +197,8 @@ def train(
         raise typer.Exit(2)
     resume_arg = None if resume.lower() == "none" else resume
     try:
-        samples_dir = samples or _samples_dir(cfg)
-        needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
-        descriptions_dir = (descriptions or _descriptions_dir(cfg, samples_dir)) if needs_text else None
-        regions_dir = (regions or _regions_dir(cfg, samples_dir)) if cfg.train.mode != "clip" else None
-        target = out or (_train_dir(cfg) if not (samples or descriptions or regions) else
-                         stage_dir(cfg.workdir, "train", train_fingerprint(cfg.train, samples_dir, descriptions_dir, regions_dir)))
+        samples_dir, descriptions_dir, regions_dir = _train_inputs(cfg, samples, descriptions, regions)
+        target = out or pipeline.train_dir(cfg, samples_dir, descriptions_dir, regions_dir)
         if launcher == "ray":
             from grain.train.launch import train_with_ray
 
@@ -352,14 +348,22 @@ def inspect(
     typer.echo(f"wrote {path}")
 
 
+def _train_inputs(cfg: PipelineConfig, samples: Path | None = None, descriptions: Path | None = None,
+                  regions: Path | None = None) -> tuple[Path, Path | None, Path | None]:
+    """The folders training reads: the given ones, else this config's stage folders (only those the mode needs)."""
+    from grain import pipeline
+
+    needs_desc, needs_regions = pipeline.train_needs(cfg)
+    samples_dir = samples or _samples_dir(cfg)
+    descriptions_dir = (descriptions or _descriptions_dir(cfg, samples_dir)) if needs_desc else None
+    regions_dir = (regions or _regions_dir(cfg, samples_dir)) if needs_regions else None
+    return samples_dir, descriptions_dir, regions_dir
+
+
 def _train_dir(cfg: PipelineConfig) -> Path:
     from grain import pipeline
 
-    samples_dir = _samples_dir(cfg)
-    needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
-    descriptions_dir = _descriptions_dir(cfg, samples_dir) if needs_text else None
-    regions_dir = _regions_dir(cfg, samples_dir) if cfg.train.mode != "clip" else None
-    return pipeline.train_dir(cfg, samples_dir, descriptions_dir, regions_dir)
+    return pipeline.train_dir(cfg, *_train_inputs(cfg))
 
 
 def _regions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:

@@ -35,12 +35,18 @@ def regions_dir(cfg: PipelineConfig, samples: str | Path, descriptions: str | Pa
     return stage_dir(cfg.workdir, "regions", ground_fingerprint(cfg.ground, samples, descriptions))
 
 
+def train_needs(cfg: PipelineConfig) -> tuple[bool, bool]:
+    """(descriptions/, regions/) needed by the train mode: clip reads no regions, and no descriptions unless it
+    trains on caption rewrites."""
+    return cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0, cfg.train.mode != "clip"
+
+
 def train_inputs(cfg: PipelineConfig, samples: str | Path, descriptions: str | Path | None,
                  regions: str | Path | None) -> tuple[Path, Path | None, Path | None]:
-    """The folders the train mode reads: clip needs no regions (and no descriptions without caption rewrites)."""
-    needs_text = cfg.train.mode != "clip" or cfg.train.rewrite_prob > 0
-    return (Path(samples), Path(descriptions) if needs_text and descriptions else None,
-            Path(regions) if cfg.train.mode != "clip" and regions else None)
+    """The folders the train mode reads (see :func:`train_needs`)."""
+    needs_desc, needs_regions = train_needs(cfg)
+    return (Path(samples), Path(descriptions) if needs_desc and descriptions else None,
+            Path(regions) if needs_regions and regions else None)
 
 
 def train_dir(cfg: PipelineConfig, samples: str | Path, descriptions: str | Path | None, regions: str | Path | None) -> Path:
