@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -140,9 +141,13 @@ class TransformersChatEngine(ChatEngine):
             cfg.model, dtype=getattr(torch, cfg.transformers.dtype)
         ).to(self._device)
         self._model.eval()
+        # An actor may run several calls at once (ray.calls_per_actor): one generate at a time per model, and
+        # HF fast tokenizers are not safe to share between threads.
+        self._lock = threading.Lock()
 
     def chat(self, conversations: list[Messages], max_tokens: int, temperature: float) -> list[Completion]:
-        return [self._one(m, max_tokens, temperature) for m in conversations]
+        with self._lock:
+            return [self._one(m, max_tokens, temperature) for m in conversations]
 
     def _one(self, messages: Messages, max_tokens: int, temperature: float) -> Completion:
         from PIL import Image

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -257,6 +258,11 @@ class OwlDetector:
         self.processor = Owlv2Processor.from_pretrained(cfg.model)
         self.model = Owlv2ForObjectDetection.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype)).to(cfg.device).eval()
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
+        # An actor may run several calls at once (ray.calls_per_actor) so one batch's preprocessing overlaps the
+        # previous batch's forward pass; the processor (a fast tokenizer is not thread-safe) and the model each
+        # serve one call at a time.
+        self._prep_lock = threading.Lock()
+        self._model_lock = threading.Lock()
 
     def detect(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One result per row: ``regions`` (list of {text, box, score}), ``error``, and QA counts."""
@@ -290,7 +296,8 @@ class OwlDetector:
 
     def _truncated(self, queries: list[list[str]]) -> list[int]:
         tok = self.processor.tokenizer
-        return [sum(1 for t in texts if len(tok(t, verbose=False)["input_ids"]) > self.max_tokens) for texts in queries]
+        with self._prep_lock:
+            return [sum(1 for t in texts if len(tok(t, verbose=False)["input_ids"]) > self.max_tokens) for texts in queries]
 
     def _forward(self, images: list[Any], queries: list[list[str]]) -> list[list[dict[str, Any]]]:
         from grain.annotate.boxes import owl_to_original
@@ -298,9 +305,10 @@ class OwlDetector:
         torch = self.torch
         # The processor pads every image's query list to the longest with blank queries; each (patch, query) logit
         # depends on that query alone, so reading only the first len(texts) columns below ignores the padding.
-        inputs = self.processor(text=queries, images=images, return_tensors="pt", truncation=True)
+        with self._prep_lock:
+            inputs = self.processor(text=queries, images=images, return_tensors="pt", truncation=True)
         inputs = {k: (v.to(self.cfg.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.cfg.device)) for k, v in inputs.items()}
-        with torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             outputs = self.model(**inputs)
         logits = outputs.logits.float()  # [B, patches, width]
         scores_all = torch.sigmoid(logits)

