@@ -116,9 +116,10 @@ def stream_results(
     actor_init_retries: int = 3,
 ) -> Iterator[list[dict[str, Any]]]:
     """Result rows, a batch at a time, as the engine produces them. Raises EngineTimeout naming ``watchdog_key``
-    when nothing arrives for ``watchdog_s`` seconds. Up to ``actor_init_retries`` engine actors that die before
-    they ever ran (process killed, OOM, creation cancelled on a loaded or shrinking cluster) are replaced instead
-    of failing the run; a constructor that raises every time still fails it, after that many tries."""
+    when nothing arrives for ``watchdog_s`` seconds. Up to ``actor_init_retries`` engine actors in a row that die before
+    they ever ran (constructor failed, creation cancelled on a loaded or shrinking cluster) are replaced instead of
+    failing the run (Ray Data's default fails it on the first); a constructor that raises every time still fails it,
+    after that many tries. Worker processes that crash are restarted by Ray itself."""
     import ray
 
     ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = actor_init_retries  # read when the dataset is made

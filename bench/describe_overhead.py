@@ -19,8 +19,8 @@ contention instead (unpinned, runs here gave anything from 1.07 to 1.55).
 
 Pick --images so the engine baseline takes at least 30 s (the printed line says how long it took). The stage's
 cost is mostly fixed (here ≈ 9 s: Ray's start plus Ray Data bringing up its operators and the engine actor on one
-core), so the ratio falls with N: 1.18 at 600 images (engine 55 s), 0.99 at 1200 (engine 115-130 s), with the
-default 256-token budget. Measured figures: docs/describe.md.
+core), so the ratio falls with N: 1.18 at 600 images (engine 55 s), 0.99 and 1.03 in two runs at 1200 (engine
+115-136 s), with the default 256-token budget. Measured figures: docs/describe.md.
 """
 
 from __future__ import annotations

@@ -293,7 +293,8 @@ class RayConfig(_Frozen):
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to an engine actor.")
     calls_per_actor: int = Field(2, ge=1, description="Batches an actor works on at once (overlaps one batch's tail with the next).")
     actor_init_retries: int = Field(
-        3, ge=0, description="Engine actors that may die while starting (killed, OOM, cancelled) before the stage fails."
+        3, ge=0, description="Engine actors in a row that may die before they ever ran (constructor failed, creation "
+        "cancelled) and are replaced before the stage fails."
     )
     object_store_mb: int | None = Field(None, ge=75, description="Local Ray only: object store size.")
     temp_dir: str | None = Field(None, description="Local Ray only: Ray's session folder (keep the path short).")
