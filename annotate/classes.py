@@ -231,32 +231,16 @@ def class_request_row(index: int, classname: str, messages: Messages) -> dict[st
 
 def class_completion(row: dict[str, Any]) -> dict[str, Any]:
     """A ``ray.data.llm`` output row → ``index``, ``classname``, ``text`` / ``error`` and token counts."""
-    error = row.get("__inference_error__") or None
-    return {
-        "index": int(row["index"]),
-        "classname": row["classname"],
-        "text": None if error else (row.get("generated_text") or ""),
-        "error": f"vllm: {error}" if error else None,
-        "prompt_tokens": int(row.get("num_input_tokens") or 0),
-        "completion_tokens": int(row.get("num_generated_tokens") or 0),
-    }
+    from grain.annotate.engines import vllm_completion
+
+    return {**vllm_completion(row, ("classname",)), "index": int(row["index"])}
 
 
 def build_class_processor(cfg: DescribeConfig) -> Any:
     """A Ray Data processor: class rows (:func:`class_request_row`) → completion rows (:func:`class_completion`)."""
-    from ray.data.llm import build_processor
+    from grain.annotate.engines import build_vllm_chat_processor
 
-    sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
-
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "messages": json.loads(row["request"]),
-            "sampling_params": sampling,
-            "index": row["index"],
-            "classname": row["classname"],
-        }
-
-    return build_processor(class_processor_config(cfg), preprocess=preprocess, postprocess=class_completion)
+    return build_vllm_chat_processor(cfg, ("index", "classname"), config=class_processor_config(cfg), postprocess=class_completion)
 
 
 def _run_vllm(cfg: DescribeConfig, names: list[str], conversations: list[Messages], ray_cfg: RayConfig) -> list[Completion]:

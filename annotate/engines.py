@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -216,31 +217,42 @@ def vllm_processor_config(cfg: DescribeConfig) -> Any:
     )
 
 
-def build_vllm_processor(cfg: DescribeConfig) -> Any:
-    """A Ray Data processor: request rows (``uid``, ``path``, ``kind``, ``request`` JSON) → completion rows."""
+def vllm_completion(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A ``ray.data.llm`` output row → the passed-through ``keys``, ``text`` / ``error`` and token counts."""
+    error = row.get("__inference_error__") or None
+    return {
+        **{k: row[k] for k in keys},
+        "text": None if error else (row.get("generated_text") or ""),
+        "error": f"vllm: {error}" if error else None,
+        "prompt_tokens": int(row.get("num_input_tokens") or 0),
+        "completion_tokens": int(row.get("num_generated_tokens") or 0),
+    }
+
+
+def build_vllm_chat_processor(
+    cfg: DescribeConfig,
+    keys: Sequence[str],
+    *,
+    config: Any = None,
+    postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
+    """A Ray Data processor over rows holding a ``request`` (chat messages as JSON) and ``keys`` to pass through;
+    ``config`` defaults to :func:`vllm_processor_config`, ``postprocess`` to :func:`vllm_completion`."""
     from ray.data.llm import build_processor
 
     sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    keys = tuple(keys)
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "messages": json.loads(row["request"]),
-            "sampling_params": sampling,
-            "uid": row["uid"],
-            "path": row["path"],
-            "kind": row["kind"],
-        }
+        return {"messages": json.loads(row["request"]), "sampling_params": sampling, **{k: row[k] for k in keys}}
 
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        error = row.get("__inference_error__") or None
-        return {
-            "uid": row["uid"],
-            "path": row["path"],
-            "kind": row["kind"],
-            "text": None if error else row.get("generated_text", ""),
-            "error": f"vllm: {error}" if error else None,
-            "prompt_tokens": int(row.get("num_input_tokens") or 0),
-            "completion_tokens": int(row.get("num_generated_tokens") or 0),
-        }
+    return build_processor(
+        config if config is not None else vllm_processor_config(cfg),
+        preprocess=preprocess,
+        postprocess=postprocess or (lambda row: vllm_completion(row, keys)),
+    )
 
-    return build_processor(vllm_processor_config(cfg), preprocess=preprocess, postprocess=postprocess)
+
+def build_vllm_processor(cfg: DescribeConfig) -> Any:
+    """A Ray Data processor: request rows (``uid``, ``path``, ``kind``, ``request`` JSON) → completion rows."""
+    return build_vllm_chat_processor(cfg, ("uid", "path", "kind"))
