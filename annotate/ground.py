@@ -249,7 +249,7 @@ class OwlActor:
 class OwlDetector:
     """OWLv2 over a batch of images with ragged query lists; boxes in the project frame (normalised original xyxy)."""
 
-    def __init__(self, cfg: GroundConfig):
+    def __init__(self, cfg: GroundConfig, *, prep_device: str | None = None):
         import torch
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
@@ -258,9 +258,14 @@ class OwlDetector:
         self.processor = Owlv2Processor.from_pretrained(cfg.model)
         self.model = Owlv2ForObjectDetection.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype)).to(cfg.device).eval()
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
-        # An actor may run several calls at once (ray.calls_per_actor) so one batch's preprocessing overlaps the
-        # previous batch's forward pass; the processor (a fast tokenizer is not thread-safe) and the model each
-        # serve one call at a time.
+        # Images are padded, resized and normalised where the model runs: on a GPU only the decoded uint8 pixels
+        # cross from the host, instead of a 960 x 960 float image per row resized by one host thread.
+        self.prep_device = prep_device or cfg.device
+        # Each distinct query is tokenised once per detector: text -> (input_ids, attention_mask, truncated).
+        self._queries: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        # An actor may run several calls at once (ray.calls_per_actor) so one batch's decoding and preprocessing
+        # overlap the previous batch's forward pass; the processor (a fast tokenizer is not thread-safe) and the
+        # model each serve one call at a time.
         self._prep_lock = threading.Lock()
         self._model_lock = threading.Lock()
 
@@ -285,7 +290,7 @@ class OwlDetector:
             index.append(i)
         if images:
             try:
-                for i, regions, truncated in zip(index, self._forward(images, queries), self._truncated(queries)):
+                for i, (regions, truncated) in zip(index, self._forward(images, queries)):
                     texts = rows[i]["descriptions"]
                     grounded = len({r["text"] for r in regions})
                     results[i] = _result(regions, None, len(texts), grounded, truncated)
@@ -294,40 +299,74 @@ class OwlDetector:
                     results[i] = _result([], f"owlv2: {type(exc).__name__}: {exc}", len(rows[i]["descriptions"]), 0, 0)
         return [r for r in results if r is not None]
 
-    def _truncated(self, queries: list[list[str]]) -> list[int]:
-        tok = self.processor.tokenizer
-        with self._prep_lock:
-            return [sum(1 for t in texts if len(tok(t, verbose=False)["input_ids"]) > self.max_tokens) for texts in queries]
+    def inputs(self, images: list[Any], queries: list[list[str]]) -> tuple[dict[str, Any], list[int]]:
+        """Model inputs for one batch and each image's count of truncated queries.
 
-    def _forward(self, images: list[Any], queries: list[list[str]]) -> list[list[dict[str, Any]]]:
+        The tensors equal ``Owlv2Processor(text=queries, images=images, truncation=True)``'s (every image's query
+        list padded with blank queries to the longest, each query padded to the text tower's length), but each
+        distinct query is tokenised once per detector and the pixels are prepared on ``prep_device``.
+        """
+        torch = self.torch
+        width = max(len(texts) for texts in queries)
+        with self._prep_lock:
+            encoded = [[self._query(t) for t in list(texts) + [" "] * (width - len(texts))] for texts in queries]
+            pixels = self._pixels(images)
+        flat = [e for per_image in encoded for e in per_image]
+        inputs = {
+            "input_ids": torch.from_numpy(np.stack([e[0] for e in flat])),
+            "attention_mask": torch.from_numpy(np.stack([e[1] for e in flat])),
+            "pixel_values": pixels,
+        }
+        truncated = [sum(e[2] for e in per_image[: len(texts)]) for per_image, texts in zip(encoded, queries)]
+        return inputs, truncated
+
+    def _pixels(self, images: list[Any]) -> Any:
+        prep = self.processor.image_processor
+        if self.torch.device(self.prep_device).type == "cpu":
+            # On a CPU, one image at a time is the same arithmetic but faster than the processor's batched path:
+            # measured 19 vs 36 ms/image (960 px) and 29 vs 48 ms/image (192 px) on mixed sizes, one thread.
+            return self.torch.cat([prep(image, return_tensors="pt")["pixel_values"] for image in images])
+        return prep(images, return_tensors="pt", device=self.prep_device)["pixel_values"]
+
+    def _query(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        hit = self._queries.get(text)
+        if hit is None:
+            tok = self.processor.tokenizer
+            enc = tok(text, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="np")
+            truncated = len(tok(text, verbose=False)["input_ids"]) > self.max_tokens
+            if len(self._queries) >= 200_000:  # descriptions are a long tail; keep memory bounded
+                self._queries.clear()
+            hit = self._queries[text] = (enc["input_ids"][0].astype(np.int64), enc["attention_mask"][0].astype(np.int64), truncated)
+        return hit
+
+    def _forward(self, images: list[Any], queries: list[list[str]]) -> list[tuple[list[dict[str, Any]], int]]:
         from grain.annotate.boxes import owl_to_original
 
         torch = self.torch
-        # The processor pads every image's query list to the longest with blank queries; each (patch, query) logit
-        # depends on that query alone, so reading only the first len(texts) columns below ignores the padding.
-        with self._prep_lock:
-            inputs = self.processor(text=queries, images=images, return_tensors="pt", truncation=True)
+        # Blank padding queries are dropped below: each (patch, query) logit depends on that query alone, so reading
+        # only the first len(texts) columns ignores them.
+        inputs, truncated = self.inputs(images, queries)
         inputs = {k: (v.to(self.cfg.device, dtype=self.model.dtype) if v.is_floating_point() else v.to(self.cfg.device)) for k, v in inputs.items()}
         with self._model_lock, torch.inference_mode():
             outputs = self.model(**inputs)
-        logits = outputs.logits.float()  # [B, patches, width]
-        scores_all = torch.sigmoid(logits)
-        boxes_all = outputs.pred_boxes.float()  # [B, patches, 4] cxcywh in the padded unit square
+        # One copy to the host per batch (not one per image and query).
+        scores_all = torch.sigmoid(outputs.logits.float()).cpu().numpy()  # [B, patches, width]
+        boxes_all = outputs.pred_boxes.float().cpu().numpy()  # [B, patches, 4] cxcywh in the padded unit square
         out = []
         for b, (image, texts) in enumerate(zip(images, queries)):
             w, h = image.size
             scores = scores_all[b, :, : len(texts)]  # padded queries dropped here
-            boxes = owl_to_original(boxes_all[b].cpu().numpy(), w, h, "unit_square")
+            boxes = owl_to_original(boxes_all[b], w, h, "unit_square")
             regions = []
             for q, text in enumerate(texts):
-                s = scores[:, q].cpu().numpy()
+                s = scores[:, q]
                 keep = np.flatnonzero(s >= self.cfg.threshold)
                 best = keep[np.argsort(-s[keep], kind="stable")][: self.cfg.top_k_per_description]
                 regions.extend({"text": text, "box": [float(v) for v in boxes[j]], "score": float(s[j])} for j in best)
             regions.sort(key=lambda r: -r["score"])
             if self.cfg.nms_iou is not None:
                 regions = _class_aware_nms(regions, self.cfg.nms_iou)
-            out.append(regions[: self.cfg.top_k_per_image])
+            out.append((regions[: self.cfg.top_k_per_image], truncated[b]))
         return out
 
 

@@ -133,3 +133,45 @@ def test_owlv2_stage_end_to_end_over_ray(annotated, tiny_owl, tmp_path):
     markers = [json.loads(p.read_text()) for p in sorted((tmp_path / "r" / "_done").glob("*.json"))]
     assert sum(m["boxes"] for m in markers) == sum(len(r["regions"]) for r in table.to_pylist())
     assert not ground(cfg, samples, descriptions, tmp_path / "r", ray_cfg=RAY).did_work
+
+
+def test_batched_detector_equals_the_per_image_hf_loop(tiny_owl):
+    """Ragged query lists in one batch (blank padding queries, a repeated and an over-long description, mixed image
+    sizes) give each image exactly the inputs the processor builds and the boxes a one-image-at-a-time loop finds."""
+    import numpy as np
+    import torch
+    from conftest import encode
+    from PIL import Image
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    from grain.annotate.boxes import owl_to_original
+    from grain.annotate.ground import OwlDetector
+
+    rng = np.random.default_rng(0)
+    long_text = "a very long description of a striped tail " * 4
+    sizes = [(120, 80), (64, 150), (96, 96)]
+    queries = [["a red head", "a blue wing", long_text], ["a blue wing"], ["a round eye", "a red head"]]
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    detector = OwlDetector(GroundConfig(engine="owlv2", model=str(tiny_owl), threshold=0.0, top_k_per_description=1))
+
+    processor = Owlv2Processor.from_pretrained(tiny_owl)
+    expected = processor(text=queries, images=images, return_tensors="pt", truncation=True)
+    inputs, truncated = detector.inputs(images, queries)
+    assert set(inputs) == set(expected)
+    for key in expected:
+        assert torch.equal(inputs[key], expected[key]), key
+    assert truncated == [1, 0, 0]
+
+    model = Owlv2ForObjectDetection.from_pretrained(tiny_owl).eval()
+    rows = [{"image": encode(im, "PNG"), "descriptions": q} for im, q in zip(images, queries)]
+    for image, texts, result in zip(images, queries, detector.detect(rows)):
+        with torch.inference_mode():
+            out = model(**processor(text=[texts], images=image, return_tensors="pt", truncation=True))
+        scores = torch.sigmoid(out.logits[0]).numpy()
+        best = {text: int(np.argmax(scores[:, q])) for q, text in enumerate(texts)}
+        got = {r["text"]: r for r in result["regions"]}
+        assert set(got) == set(texts) and result["truncated_queries"] == (long_text in texts)
+        for q, text in enumerate(texts):
+            assert got[text]["score"] == pytest.approx(float(scores[best[text], q]), abs=1e-5)
+            box = owl_to_original(out.pred_boxes[0, best[text]].numpy(), *image.size, "unit_square")
+            assert got[text]["box"] == pytest.approx([float(v) for v in box], abs=1e-5)
