@@ -137,7 +137,7 @@ def ground(
 
     Engines (ground.engine): reference (ground-truth boxes of the synthetic world, score 1) or owlv2 (OWLv2 with each image's descriptions as text queries; ground.model, ground.threshold, ground.top_k_per_description, ground.top_k_per_image, ground.nms_iou, ground.device).
 
-    Boxes are stored as [x0, y0, x1, y1] normalised to the original image. Per-shard QA stats land in the markers; see them with `grain stats` and look at boxes with `grain inspect`.
+    Boxes are stored as x0, y0, x1, y1 normalised to the original image. Per-shard QA stats land in the markers; see them with `grain stats` and look at boxes with `grain inspect`.
     """
     _setup_logging(verbose)
     from grain.annotate.ground import ground as run_ground
@@ -266,7 +266,7 @@ def describe_classes(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Ask the describe engine (describe.engine: openai, transformers or vllm) for visual descriptors of each class
-    name and write DCLIP-format JSON {class: [descriptors]} for description-based zero-shot evaluation."""
+    name and write DCLIP-format JSON {class: list of descriptors} for description-based zero-shot evaluation."""
     from grain.annotate.classes import describe_classes as run
 
     cfg = _load(config, set_)
