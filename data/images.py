@@ -11,8 +11,9 @@ import io
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from grain.data.files import to_rgb
 
 #: Formats stored as they are when no change is needed; everything else is re-encoded.
 PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -90,7 +91,7 @@ def normalise_image(
         changes.append(f"exif_orientation:{orientation}")
     if img.mode != "RGB":
         changes.append(f"mode:{img.mode}->RGB")
-        img = _to_rgb(img)
+        img = to_rgb(img)
     if max_side is not None and max(img.size) > max_side:
         before = img.size
         img = img.copy()
@@ -107,31 +108,3 @@ def normalise_image(
         img.save(buf, format="PNG", optimize=False)
     changes.append(f"reencoded:{source_format}->{out_format}")
     return NormalisedImage(buf.getvalue(), img.size[0], img.size[1], out_format, changes)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB without the usual traps (black alpha, clipped 16-bit, naive CMYK)."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 0..65535 → 0..255
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "CMYK":
-        icc = img.info.get("icc_profile")
-        if icc:
-            try:
-                from PIL import ImageCms
-
-                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-                return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-            except Exception:  # noqa: BLE001 - a broken profile falls back to Pillow's plain conversion
-                pass
-        return img.convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")

@@ -10,10 +10,13 @@ code version; it names the stage's output folder (see ``grain.shards``).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +24,77 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+#: ``json_schema_extra`` marker of a field that changes how a stage runs, not what it writes (devices, batching,
+#: retries, endpoints): it is left out of the stage fingerprint. ``Field(..., json_schema_extra=NOT_FINGERPRINTED)``.
+NOT_FINGERPRINTED: dict[str, Any] = {"fingerprint": False}
+
+
+def is_fingerprinted(model: type[BaseModel] | BaseModel, name: str) -> bool:
+    """False for a field marked :data:`NOT_FINGERPRINTED`."""
+    extra = type(model).model_fields[name].json_schema_extra if isinstance(model, BaseModel) else model.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
+
+
+def fingerprint_view(model: BaseModel) -> dict[str, Any]:
+    """The JSON view of a config section that decides a stage's output: every field except those marked
+    :data:`NOT_FINGERPRINTED`, recursively through nested sections (lists of sections included)."""
+
+    def view(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return {name: view(getattr(value, name)) for name in type(value).model_fields if is_fingerprinted(value, name)}
+        if isinstance(value, (list, tuple)):
+            return [view(v) for v in value]
+        if isinstance(value, dict):
+            return {k: view(v) for k, v in value.items()}
+        return value
+
+    return json.loads(json.dumps(view(model), default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- training modes
+
+
+@dataclass(frozen=True)
+class TrainMode:
+    """What one training mode trains and reads: the single table the model, the criterion, the loader and the
+    stage registry consult (nothing else lists modes)."""
+
+    name: str
+    losses: tuple[str, ...]  #: loss keys it optimises (each needs a weight in ``train.weights``)
+    decoder: bool  #: region queries + box head on the image side (else the plain CLIP image path)
+    matching: bool  #: Hungarian matching of region queries to descriptions
+    reads_regions: bool  #: reads regions/ (description texts with boxes); descriptions/ is then read too
+    summary: str
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """A decoder mode without one of its heads' losses (DDP must look for unused parameters)."""
+        return self.decoder and not {"loss_rd", "loss_bbox"} <= set(self.losses)
+
+    def reads_descriptions(self, rewrite_prob: float) -> bool:
+        """descriptions/ is read for the region texts' upstream, or for caption rewrites."""
+        return self.reads_regions or rewrite_prob > 0
+
+
+TRAIN_MODES: dict[str, TrainMode] = {m.name: m for m in (
+    TrainMode("grain", ("loss_ic", "loss_bbox", "loss_giou", "loss_rd"), True, True, True,
+              "the GRAIN model: L_ic + L_box + L_rd"),
+    TrainMode("clip", ("loss_ic",), False, False, False,
+              "the CLIP baseline: L_ic only (CLS embedding, no decoder)"),
+    TrainMode("clip_desc", ("loss_ic", "loss_rd"), False, False, True,
+              "CLIP + descriptions contrasted with the global embedding (no queries, no boxes)"),
+    TrainMode("no_rd", ("loss_ic", "loss_bbox", "loss_giou"), True, True, True, "ablation: GRAIN without L_rd"),
+    TrainMode("no_box", ("loss_ic", "loss_rd"), True, True, True, "ablation: GRAIN without L_box"),
+)}
+TrainModeName = Literal[tuple(TRAIN_MODES)]  # type: ignore[valid-type]
 
 
 class _Frozen(BaseModel):
@@ -53,7 +127,7 @@ class IngestConfig(_Frozen):
         description="synthetic: the built-in world; webdataset: img2dataset tar shards; parquet: img2dataset or "
         "HF-style parquet with image bytes; csv: a .csv/.jsonl of (image path, caption) plus image_root.",
     )
-    path: str | None = Field(None, description="Input folder or file (not used for synthetic).")
+    path: str | None = Field(None, description="Input folder or file (not used for synthetic).", json_schema_extra=NOT_FINGERPRINTED)
     image_root: str | None = Field(None, description="csv: folder that relative image paths are resolved against.")
     image_column: str | None = Field(None, description="parquet/csv: image column; auto-detected when unset.")
     caption_column: str = Field("caption", description="parquet/csv: caption column.")
@@ -131,11 +205,11 @@ class DescribeConfig(_Frozen):
     max_tokens: int = Field(256, ge=1, description="Generation budget per request.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
     image_max_side: int = Field(448, ge=28, description="Downscale images to this longer side before sending.")
-    retry_errors: bool = Field(True, description="On rerun, request again the rows whose request failed.")
-    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no row finishes for this long (hung engine).")
-    openai: OpenAIEngineConfig = OpenAIEngineConfig()
-    transformers: TransformersEngineConfig = TransformersEngineConfig()
-    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    retry_errors: bool = Field(True, description="On rerun, request again the rows whose request failed.", json_schema_extra=NOT_FINGERPRINTED)
+    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no row finishes for this long (hung engine).", json_schema_extra=NOT_FINGERPRINTED)
+    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, json_schema_extra=NOT_FINGERPRINTED)
+    transformers: TransformersEngineConfig = Field(default_factory=TransformersEngineConfig, json_schema_extra=NOT_FINGERPRINTED)
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, json_schema_extra=NOT_FINGERPRINTED)
 
     @field_validator("rewrite_prompt")
     @classmethod
@@ -144,12 +218,16 @@ class DescribeConfig(_Frozen):
             raise ValueError("rewrite_prompt must contain the placeholder {caption}")
         return v
 
+    #: The only settings the reference engine reads (it copies ground-truth texts: no model, no prompts).
+    REFERENCE_SETTINGS: ClassVar[tuple[str, ...]] = ("engine", "max_descriptions", "max_description_chars")
+
     def engine_settings(self) -> dict[str, Any]:
-        """The part of the config that decides what the engine writes (what the fingerprint must see)."""
-        data = self.model_dump(mode="json", exclude={"openai", "transformers", "vllm", "watchdog_s", "retry_errors"})
-        if self.engine == "reference":  # no model, no prompts: only the list limits matter
-            data = {k: data[k] for k in ("engine", "max_descriptions", "max_description_chars")}
-        return data
+        """What decides the descriptions written (the fingerprint's view): the fingerprinted fields, and for the
+        reference engine only the list limits it applies."""
+        view = fingerprint_view(self)
+        if self.engine == "reference":
+            view = {k: view[k] for k in self.REFERENCE_SETTINGS}
+        return view
 
 
 class GroundConfig(_Frozen):
@@ -165,29 +243,22 @@ class GroundConfig(_Frozen):
     top_k_per_description: int = Field(1, ge=1, description="Boxes kept per description (best first).")
     top_k_per_image: int = Field(10, ge=1, description="Boxes kept per image (best first); train keeps its own top-5.")
     nms_iou: float | None = Field(None, gt=0.0, le=1.0, description="Class-aware NMS IoU; null = none (as the authors).")
-    batch_size: int = Field(8, ge=1, description="Images per detector forward pass.")
-    device: str = Field("cpu", description="torch device for the detector, e.g. cuda.")
+    batch_size: int = Field(8, ge=1, description="Images per detector forward pass.", json_schema_extra=NOT_FINGERPRINTED)
+    device: str = Field("cpu", description="torch device for the detector, e.g. cuda.", json_schema_extra=NOT_FINGERPRINTED)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    retry_errors: bool = Field(True, description="On rerun, ground again the rows whose grounding failed.")
-    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no image finishes for this long.")
+    retry_errors: bool = Field(True, description="On rerun, ground again the rows whose grounding failed.", json_schema_extra=NOT_FINGERPRINTED)
+    watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no image finishes for this long.", json_schema_extra=NOT_FINGERPRINTED)
 
     def engine_settings(self) -> dict[str, Any]:
-        """What decides the boxes written (the fingerprint sees this, not device, batching or retries)."""
-        if self.engine == "reference":
-            return {"engine": "reference"}
-        return self.model_dump(mode="json", exclude={"batch_size", "device", "retry_errors", "watchdog_s"})
-
-
-TRAIN_MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
+        """What decides the boxes written (the fingerprint's view); the reference engine copies ground truth."""
+        return {"engine": "reference"} if self.engine == "reference" else fingerprint_view(self)
 
 
 class TrainConfig(_Frozen):
     """Train: the GRAIN model (or a baseline) on samples/ + descriptions/ + regions/ (docs/train.md)."""
 
-    mode: Literal["grain", "clip", "clip_desc", "no_rd", "no_box"] = Field(
-        "grain",
-        description="grain: L_ic + L_box + L_rd; clip: L_ic only (CLS embedding, no decoder); clip_desc: L_ic + "
-        "descriptions contrasted with the global embedding (no queries, no boxes); no_rd / no_box: ablations.",
+    mode: TrainModeName = Field(
+        "grain", description="; ".join(f"{m.name}: {m.summary}" for m in TRAIN_MODES.values()) + " (TRAIN_MODES)."
     )
     arch: str = Field("grain-tiny", description="Architecture name in grain/train/archs/ or a path to an arch JSON.")
     arch_overrides: dict[str, Any] = Field(
@@ -217,24 +288,26 @@ class TrainConfig(_Frozen):
     max_regions: int = Field(5, ge=1, description="Descriptions (with boxes) kept per image, best score first.")
     rewrite_prob: float = Field(0.5, ge=0, le=1, description="Probability of training on the rewritten caption.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
-    grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward (saves memory).")
-    compile: bool = Field(False, description="torch.compile the model.")
-    max_bad_steps: int = Field(10, ge=0, description="Skip steps whose loss or gradient is NaN/inf; stop after this many.")
+    grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward (saves memory).", json_schema_extra=NOT_FINGERPRINTED)
+    compile: bool = Field(False, description="torch.compile the model.", json_schema_extra=NOT_FINGERPRINTED)
+    max_bad_steps: int = Field(10, ge=0, description="Skip steps whose loss or gradient is NaN/inf; stop after this many.", json_schema_extra=NOT_FINGERPRINTED)
     seed: int = Field(0, description="Seeds weights, data order and caption choice.")
-    num_workers: int = Field(2, ge=1, description="Image decoding threads per process.")
-    device: str = Field("auto", description="auto: cuda:<local rank> when available, else cpu.")
-    log_every: int = Field(10, ge=1, description="Steps between TensorBoard/progress log lines.")
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the last step always writes one).")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones deleted after a new one is complete).")
-    ray_workers: int = Field(2, ge=1, description="launcher ray: training workers (Ray Train TorchTrainer).")
-    ray_use_gpu: bool = Field(False, description="launcher ray: one GPU per worker.")
-    ray_cpus_per_worker: float = Field(1.0, gt=0, description="launcher ray: CPUs per worker.")
+    num_workers: int = Field(2, ge=1, description="Image decoding threads per process.", json_schema_extra=NOT_FINGERPRINTED)
+    device: str = Field("auto", description="auto: cuda:<local rank> when available, else cpu.", json_schema_extra=NOT_FINGERPRINTED)
+    log_every: int = Field(10, ge=1, description="Steps between TensorBoard/progress log lines.", json_schema_extra=NOT_FINGERPRINTED)
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the last step always writes one).", json_schema_extra=NOT_FINGERPRINTED)
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones deleted after a new one is complete).", json_schema_extra=NOT_FINGERPRINTED)
+    ray_workers: int = Field(2, ge=1, description="launcher ray: training workers (Ray Train TorchTrainer).", json_schema_extra=NOT_FINGERPRINTED)
+    ray_use_gpu: bool = Field(False, description="launcher ray: one GPU per worker.", json_schema_extra=NOT_FINGERPRINTED)
+    ray_cpus_per_worker: float = Field(1.0, gt=0, description="launcher ray: CPUs per worker.", json_schema_extra=NOT_FINGERPRINTED)
+
+    @property
+    def mode_spec(self) -> TrainMode:
+        return TRAIN_MODES[self.mode]
 
     def semantics(self) -> dict[str, Any]:
-        """What decides the trained weights (the fingerprint sees this, not logging, devices or checkpoint cadence)."""
-        skip = {"num_workers", "device", "log_every", "checkpoint_every", "keep_last", "max_bad_steps", "compile",
-                "grad_checkpointing", "ray_workers", "ray_use_gpu", "ray_cpus_per_worker"}
-        return self.model_dump(mode="json", exclude=skip)
+        """What decides the trained weights (the fingerprint's view: not logging, devices or checkpoint cadence)."""
+        return fingerprint_view(self)
 
 
 class EvalDatasetConfig(_Frozen):
@@ -264,7 +337,7 @@ def _default_eval_datasets() -> list[EvalDatasetConfig]:
 class EvalConfig(_Frozen):
     """Evaluate: zero-shot classification (names, descriptions, waffle, regions) and retrieval."""
 
-    model: str | None = Field(None, description="Exported model folder; null = the train stage's model for this config.")
+    model: str | None = Field(None, description="Exported model folder; null = the train stage's model for this config.", json_schema_extra=NOT_FINGERPRINTED)
     datasets: list[EvalDatasetConfig] = Field(default_factory=_default_eval_datasets)
     modes: list[Literal["names", "descriptions", "waffle", "regions"]] = Field(
         default_factory=lambda: ["names", "descriptions", "waffle", "regions"], description="Classification modes to run."
@@ -278,9 +351,9 @@ class EvalConfig(_Frozen):
     extra_descriptors: Literal["error", "ignore"] = Field("error", description="Descriptor JSON keys that are not classes of the dataset.")
     waffle_count: int | None = Field(None, ge=1, description="Random descriptors per class; null = the real files' mean count.")
     waffle_seed: int = Field(0)
-    batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
-    device: str = Field("auto", description="auto: cuda when available, else cpu.")
-    retrieval_chunk: int = Field(1024, ge=1, description="Rows per chunk of the retrieval score matrix (bounds memory).")
+    batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.", json_schema_extra=NOT_FINGERPRINTED)
+    device: str = Field("auto", description="auto: cuda when available, else cpu.", json_schema_extra=NOT_FINGERPRINTED)
+    retrieval_chunk: int = Field(1024, ge=1, description="Rows per chunk of the retrieval score matrix (bounds memory).", json_schema_extra=NOT_FINGERPRINTED)
 
 
 class RayConfig(_Frozen):
@@ -350,7 +423,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _validate(data, where)
 
 
+_KEY_PART = re.compile(r"^([A-Za-z_][\w-]*)((?:\[-?\d+\])*)$")
+
+
 def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Set one ``section.key=value`` override in the raw config dict.
+
+    Keys are checked against the config models while walking, so a mistyped key fails here with the nearest valid
+    key suggested; ``name[i]`` addresses item ``i`` of a list field (``evaluate.datasets[0].path=…``), taking the
+    list from the file or, when the file does not set it, from the field's default.
+    """
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -359,14 +441,121 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
-    node = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    steps: list[str | int] = []
+    for part in key.split("."):
+        m = _KEY_PART.match(part)
+        if not m:
+            raise ConfigError(f"override {item!r}: {part!r} is not a key (keys look like name or name[0])")
+        steps.append(m.group(1))
+        steps += [int(i) for i in re.findall(r"-?\d+", m.group(2))]
+
+    node: Any = data
+    model: type[BaseModel] | None = PipelineConfig
+    field_info = None
+    done: list[str] = []
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        where = _dotted(done) or "(top level)"
+        if isinstance(step, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"override {item!r}: {where} is not a list, so [{step}] cannot index it")
+            if not -len(node) <= step < len(node):
+                raise ConfigError(f"override {item!r}: {where} has {len(node)} item(s); index {step} is out of range")
+            done.append(f"[{step}]")
+            if last:
+                node[step] = value
+            else:
+                if node[step] is None:
+                    node[step] = {}
+                node = node[step]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+        if model is not None:
+            if step not in model.model_fields:
+                raise ConfigError(f"override {item!r}: unknown key {_dotted([*done, step])!r}{_suggest(step, model, done)}")
+            field_info = model.model_fields[step]
+        done.append(step)
+        if last:
+            node[step] = value
+            break
+        child_model, is_list = _section_type(field_info.annotation) if model is not None else (None, False)
+        if step not in node or node[step] is None:
+            if is_list or (model is not None and child_model is None and field_info is not None
+                           and not _is_dict(field_info.annotation)):
+                default = field_info.get_default(call_default_factory=True) if field_info is not None else None
+                node[step] = _plain(default) if default is not None else ([] if is_list else {})
+            else:
+                node[step] = {}
+        node = node[step]
+        if model is not None and child_model is None and not is_list and not _is_dict(field_info.annotation):
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {_dotted(done)} is a value, not a section")
+        model = child_model
+
+
+def _dotted(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += p if isinstance(p, str) and p.startswith("[") else (f".{p}" if out else str(p))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A default value as plain YAML-like data (sections become dicts)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _is_dict(annotation: Any) -> bool:
+    from typing import get_origin
+
+    return annotation is dict or get_origin(annotation) is dict
+
+
+def _section_type(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the config model a field holds or lists, whether it is a list)."""
+    from typing import Union, get_args, get_origin
+
+    origin = get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    if origin in (list, tuple):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        inner = _section_type(args[0])[0] if args else None
+        return inner, True
+    if origin is Union or str(origin) == "types.UnionType":
+        for arg in get_args(annotation):
+            if arg is not type(None):
+                found = _section_type(arg)
+                if found[0] is not None or found[1]:
+                    return found
+    return None, False
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, info in model.model_fields.items():
+        out.append(prefix + name)
+        child, is_list = _section_type(info.annotation)
+        if child is not None:
+            out += _all_keys(child, prefix + name + ("[0]." if is_list else "."))
+    return out
+
+
+def _suggest(name: str, model: type[BaseModel], done: list[str | int]) -> str:
+    """'; did you mean …?' with the nearest key here (or anywhere in the config), and the keys allowed here."""
+    here = sorted(model.model_fields)
+    close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = f"; did you mean {_dotted([*done, close[0]])!r}?"
+    else:
+        everywhere = _all_keys(PipelineConfig)
+        leaf = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+        far = difflib.get_close_matches(name, list(leaf), n=1, cutoff=0.75)
+        if far:
+            hint = f"; did you mean {leaf[far[0]]!r}?"
+    return f"{hint} allowed keys here: {', '.join(here)}"
 
 
 def _validate(data: dict[str, Any], where: str) -> PipelineConfig:
@@ -379,13 +568,15 @@ def _validate(data: dict[str, Any], where: str) -> PipelineConfig:
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _dotted([p if isinstance(p, str) else f"[{p}]" for p in err["loc"]]) or "(top level)"
         msg = err["msg"]
         ctx = err.get("ctx") or {}
         if err["type"] == "extra_forbidden":
-            parent_loc = err["loc"][:-1]
-            allowed = _allowed_keys(parent_loc)
-            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+            parent = _model_at(err["loc"][:-1])
+            if parent is not None:
+                msg = "unknown key" + _suggest(str(err["loc"][-1]), parent, [])
+            else:
+                msg = "unknown key"
         elif err["type"] == "literal_error" and "expected" in ctx:
             msg = f"must be one of {ctx['expected']} (got {err.get('input')!r})"
         else:
@@ -394,14 +585,18 @@ def _explain(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = PipelineConfig
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = PipelineConfig
     for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return []
-        model = field.annotation
-    return sorted(model.model_fields)
+        if field is None:
+            return None
+        model = _section_type(field.annotation)[0]
+    return model
 
 
 def save_config(cfg: PipelineConfig, path: str | Path) -> None:
@@ -427,5 +622,5 @@ def fingerprint(stage: str, config: BaseModel | dict[str, Any], code_version: st
     """
     payload = {"stage": stage, "config": config, "code_version": code_version, "upstream": upstream or {}}
     if isinstance(config, BaseModel):
-        payload["config"] = config.model_dump(mode="json")
+        payload["config"] = fingerprint_view(config)
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]

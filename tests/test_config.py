@@ -10,7 +10,15 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from grain.config import ConfigError, IngestConfig, PipelineConfig, fingerprint, load_config, save_config
+from grain.config import (
+    ConfigError,
+    IngestConfig,
+    PipelineConfig,
+    fingerprint,
+    is_fingerprinted,
+    load_config,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +111,8 @@ def _changed(value):
 
 def test_fingerprint_changes_with_every_config_value():
     base = IngestConfig()
+    NOT_FP = {name for name in IngestConfig.model_fields if not is_fingerprinted(IngestConfig, name)}
+    assert NOT_FP == {"path"}
     base_fp = fingerprint("ingest", base, "v1")
     seen = {base_fp}
     for key, value in _leaves(base):
@@ -115,6 +125,9 @@ def test_fingerprint_changes_with_every_config_value():
         if data["source"] != "synthetic":
             data["path"] = data["path"] or "/in"
         fp = fingerprint("ingest", IngestConfig.model_validate(data), "v1")
+        if key in NOT_FP:  # the input files' signature stands for the path (see test_stages.py)
+            assert fp == base_fp, f"ingest.{key} is marked not fingerprinted but changed the fingerprint"
+            continue
         assert fp not in seen, f"changing ingest.{key} did not change the fingerprint"
         seen.add(fp)
     assert fingerprint("ingest", base, "v2") != base_fp
@@ -128,3 +141,33 @@ def test_every_config_key_is_documented():
 
     missing = [key for key, _ in _leaves(PipelineConfig()) if not re.search(rf"[`.]{key.split('.')[-1]}`", doc)]
     assert not missing, f"docs/configuration.md does not document: {missing}"
+
+
+def test_overrides_address_list_items_and_free_dicts():
+    cfg = load_config(None, ["evaluate.datasets[1].num_images=7", "evaluate.datasets[0].split=swap",
+                             "train.arch_overrides.decoder.layers=2"])
+    assert [d.num_images for d in cfg.evaluate.datasets] == [400, 7]  # the default list, item 1 changed
+    assert cfg.evaluate.datasets[0].split == "swap" and cfg.evaluate.datasets[1].split == "distractor"
+    assert cfg.train.arch_overrides == {"decoder": {"layers": 2}}
+    with pytest.raises(ConfigError, match=r"has 2 item\(s\); index 2 is out of range"):
+        load_config(None, ["evaluate.datasets[2].path=x"])
+    with pytest.raises(ConfigError, match="train.steps is a value"):
+        load_config(None, ["train.steps.x=1"])
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.step=3", "did you mean 'train.steps'?"),
+    ("ingest.synthetic.num_image=3", "did you mean 'ingest.synthetic.num_images'?"),
+    ("evaluate.datasets[0].pth=x", "did you mean 'evaluate.datasets[0].path'?"),
+    ("num_shards=3", "did you mean 'ingest.num_shards'?"),
+])
+def test_a_mistyped_key_suggests_the_nearest_one(override, suggestion):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert suggestion in str(info.value)
+
+
+def test_a_mistyped_key_in_a_file_suggests_the_nearest_one(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  stpes: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(tmp_path / "c.yaml")

@@ -31,7 +31,6 @@ Execution
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import queue
 import threading
@@ -49,6 +48,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from grain.data.files import decode_rgb, to_rgb
 from grain.shards import output_parts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,9 +187,14 @@ def select_regions(
 
 
 def load_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode, convert to RGB, squash-resize to ``S×S`` (bicubic), normalise → ``[3,S,S]`` float32."""
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
+    """Decode to RGB (grain.data.files.decode_rgb: the rule ingest applies), then :func:`image_tensor`."""
+    return image_tensor(decode_rgb(data), image_size)
+
+
+def image_tensor(rgb: Image.Image, image_size: int) -> np.ndarray:
+    """An RGB image squash-resized to ``S×S`` (bicubic) and ImageNet-normalised → ``[3,S,S]`` float32."""
+    if rgb.mode != "RGB":
+        rgb = to_rgb(rgb)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BICUBIC)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
