@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-try:  # torch is optional for the pure-numpy uses of this module
+try:  # torch (and torchvision, for the two format converters) is optional for the other pure-numpy functions
     import torch
 except ImportError:  # pragma: no cover - torch is installed in the project venv
     torch = None  # type: ignore[assignment]
@@ -125,18 +125,31 @@ def _check_size(width: float, height: float) -> None:
 # ------------------------------------------------------------------------------------------------ generic
 
 
+def _box_convert(boxes, in_fmt: str, out_fmt: str):
+    """``torchvision.ops.box_convert`` under this module's contract (the project's one box-format converter).
+
+    The shape check and dtype rule are :func:`_as_boxes`'; a numpy input goes through a float64 tensor on the CPU
+    and comes back as a new float64 array, a tensor input comes back as a tensor on its device (autograd kept).
+    torchvision converts any ``[..., 4]`` (it unbinds and stacks the last axis). Imported on first use, so the
+    module's pure-numpy functions do not pay for importing torchvision.
+    """
+    from torchvision.ops import box_convert
+
+    b = _as_boxes(boxes)
+    if _is_tensor(b):
+        return box_convert(b, in_fmt, out_fmt)
+    # a fresh C-ordered copy: torch cannot wrap a numpy view with negative strides (e.g. ``boxes[::-1]``)
+    return box_convert(torch.from_numpy(np.array(b, order="C")), in_fmt, out_fmt).numpy()
+
+
 def cxcywh_to_xyxy(boxes):
     """Centre/size ``[..., 4]`` = ``[cx, cy, w, h]`` -> corners ``[x0, y0, x1, y1]``, same unit and frame."""
-    b = _as_boxes(boxes)
-    cx, cy, w, h = _unbind(b)
-    return _stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), b)
+    return _box_convert(boxes, "cxcywh", "xyxy")
 
 
 def xyxy_to_cxcywh(boxes):
     """Corners ``[..., 4]`` = ``[x0, y0, x1, y1]`` -> centre/size ``[cx, cy, w, h]``, same unit and frame."""
-    b = _as_boxes(boxes)
-    x0, y0, x1, y1 = _unbind(b)
-    return _stack((0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0), b)
+    return _box_convert(boxes, "xyxy", "cxcywh")
 
 
 def normalise_xyxy(boxes_px, width: float, height: float):

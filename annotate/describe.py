@@ -31,15 +31,14 @@ import pyarrow.parquet as pq
 from grain.annotate.parse import parse_caption, parse_descriptions
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
 from grain.annotate.streaming import NO_REFERENCE, EngineTimeout, actor_pool, run_in_process, run_pending_shards
-from grain.config import DescribeConfig, RayConfig, fingerprint
+from grain.config import DescribeConfig, RayConfig
 from grain.contracts import DESCRIPTIONS_SCHEMA
-from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, read_json
+from grain.shards import Shard, StageResult, StageRun, output_parts
+from grain.stages import DESCRIBE, input_fingerprint
 
 log = logging.getLogger(__name__)
 
-STAGE = "describe"
-#: Bump when the rows written for the same input and config would change.
-CODE_VERSION = "describe/1"
+STAGE = DESCRIBE.name
 REFERENCE_MODEL = "ground-truth"
 
 
@@ -47,14 +46,9 @@ REFERENCE_MODEL = "ground-truth"
 DescribeTimeout = EngineTimeout
 
 
-def describe_fingerprint(cfg: DescribeConfig, samples_dir: str | Path) -> str:
-    """Fingerprint of descriptions/: what the engine writes (engine, model, prompts, limits) + the samples' fingerprint."""
-    return fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, _upstream(Path(samples_dir)))
-
-
 def _upstream(samples_dir: Path) -> dict[str, Any]:
     output_parts(samples_dir)  # raises, naming the folder, unless ingest finished there
-    return {"samples": read_json(samples_dir / STAGE_FILE)["fingerprint"]}
+    return {"samples": input_fingerprint("samples", samples_dir)}
 
 
 def describe(
@@ -74,11 +68,11 @@ def describe(
     run = StageRun(
         STAGE,
         out_dir,
-        fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, upstream),
+        DESCRIBE.fingerprint(cfg, upstream),
         shards,
         DESCRIPTIONS_SCHEMA,
         config=cfg.model_dump(mode="json"),
-        code_version=CODE_VERSION,
+        code_version=DESCRIBE.code_version,
         upstream=upstream,
         rank=rank,
         world_size=world_size,

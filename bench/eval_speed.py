@@ -5,6 +5,11 @@ Same model (a grain-tiny model, random weights, saved with save_model), same ima
 writes by hand: decode + resize every image with PIL, encode in batches, encode the class prompts, one matrix,
 topk. The stage run is measured cold (empty embedding cache) and warm (cache hit: what trying another mode costs).
 
+The stage's folders are the registry's (grain.stages) for the bench's PipelineConfig (workdir: a temp folder, the
+model given as evaluate.model): the split is ingested up front into the samples/ folder the stage itself reads
+(``synthetic_eval_samples``), the timed ``evaluate`` writes the evaluate stage's planned eval/<fingerprint> folder,
+and a cold run starts from an emptied ``eval_cache_dir``.
+
     .venv/bin/python bench/eval_speed.py --images 2000
 """
 
@@ -21,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from grain.config import EvalConfig, IngestConfig, SyntheticConfig
-from grain.data.ingest import ingest
+from grain.config import EvalConfig, IngestConfig, PipelineConfig
 from grain.data.synthetic import build_world
 from grain.evaluate.run import evaluate
 from grain.shards import read_table
+from grain.stages import eval_cache_dir, plan, synthetic_eval_samples, workdir_path
 from grain.train.model import build_model, save_model
 
 
@@ -62,32 +67,40 @@ def main() -> None:
     try:
         torch.manual_seed(0)
         model = build_model(args.arch).eval()
-        save_model(model, root / "model")
-        syn = SyntheticConfig(split="single", num_images=args.images)
-        work = root / "work"
-        # the stage ingests the split itself on first use; do it once up front so neither side pays for it
-        from grain.data.ingest import ingest_fingerprint
-        from grain.shards import stage_dir
-
-        icfg = IngestConfig(num_shards=2, synthetic=syn)
-        samples = stage_dir(work, "samples", ingest_fingerprint(icfg))
-        ingest(icfg, samples)
+        save_model(model, root / "model")  # a given model (evaluate.model), not a train stage output
+        cfg = PipelineConfig(
+            workdir=str(root / "work"),
+            evaluate=EvalConfig.model_validate({"model": str(root / "model"), "modes": ["names"],
+                                                "batch_size": args.batch_size,
+                                                "datasets": [{"name": "single", "kind": "synthetic", "split": "single",
+                                                              "num_images": args.images}]}),
+        )
+        work = workdir_path(cfg)
+        step = plan(cfg, "evaluate")
+        # the stage ingests the split itself on first use (an ingest config derived from cfg.ingest.synthetic, written
+        # to that config's samples/ folder); do it once up front so neither side pays for it
+        ds = cfg.evaluate.datasets[0]
+        syn = cfg.ingest.synthetic.model_copy(update={"split": ds.split, "num_images": ds.num_images})
+        split_cfg = cfg.model_copy(update={"ingest": IngestConfig(source="synthetic", num_shards=2, synthetic=syn)})
+        ingesting = plan(split_cfg, "ingest")
+        samples = ingesting.out
+        assert samples == synthetic_eval_samples(work, split_cfg.ingest)
+        ingesting.stage.run(split_cfg, ingesting.inputs, samples)
         world = build_world(syn.seed, syn.num_seen_classes, syn.num_unseen_pairs)
         label_of = {world.class_names.index(c): i for i, c in enumerate(world.unseen)}
-        cfg = EvalConfig.model_validate({"datasets": [{"name": "single", "kind": "synthetic", "split": "single",
-                                                       "num_images": args.images}], "modes": ["names"],
-                                         "batch_size": args.batch_size})
         times: dict[str, list[float]] = {"plain": [], "stage cold": [], "stage warm": []}
         for r in range(args.rounds):
             t0 = time.perf_counter()
             plain = plain_loop(model, samples, world.unseen, label_of, args.batch_size)
             times["plain"].append(time.perf_counter() - t0)
-            shutil.rmtree(work / "eval", ignore_errors=True)
+            shutil.rmtree(eval_cache_dir(work), ignore_errors=True)
             t0 = time.perf_counter()
-            res = evaluate(cfg, root / "model", root / f"out{r}", workdir=work, progress=False)
+            res = evaluate(cfg.evaluate, step.inputs["model"], step.out, workdir=work, synthetic=cfg.ingest.synthetic,
+                           progress=False)
             times["stage cold"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            evaluate(cfg, root / "model", root / f"warm{r}", workdir=work, progress=False)
+            evaluate(cfg.evaluate, step.inputs["model"], step.out, workdir=work, synthetic=cfg.ingest.synthetic,
+                     progress=False)
             times["stage warm"].append(time.perf_counter() - t0)
         ours = {row["metric"]: row["value"] for row in res.rows}
         print(f"{args.images} images ({args.arch}, batch {args.batch_size}, torch threads {torch.get_num_threads()}), "

@@ -49,7 +49,8 @@ def _import_grain() -> None:
 def prepare(out: Path, small: bool) -> None:
     from transformers import Owlv2Config, Owlv2ImageProcessor, Owlv2Processor
 
-    from grain.annotate.tiny_owl import BOS_ID, EOS_ID, MAX_TEXT_LENGTH, PAD_ID, PATCH_SIZE, VOCAB_SIZE, build_clip_tokenizer
+    sys.path.insert(0, str(ROOT / "tests"))  # the test harnesses (tests/support) are not installed
+    from support.tiny_owl import BOS_ID, EOS_ID, MAX_TEXT_LENGTH, PAD_ID, PATCH_SIZE, VOCAB_SIZE, build_clip_tokenizer
 
     s = SMALL if small else B16
     text = dict(hidden_size=s["text_hidden"], intermediate_size=4 * s["text_hidden"], num_hidden_layers=s["text_layers"],

@@ -66,9 +66,9 @@ def main() -> None:
     arch = load_arch(args.arch)
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size)
     root = Path(tempfile.mkdtemp(prefix="grain-mfu-"))
-    ts.build_world(root, args.images, 96)
+    world = ts.build_world(root, args.images, 96)  # the stage folders grain.stages plans under root
     image_size = arch["vision_cfg"]["image_size"]
-    batches = ts.take_batches(root, 2, args.batch_size, image_size, arch["text_cfg"]["context_length"], cfg)
+    batches = ts.take_batches(world, 2, args.batch_size, image_size, arch["text_cfg"]["context_length"], cfg)
     clip_batches = [ts.without_descriptions(b) for b in batches]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     print(f"{args.arch} batch {args.batch_size} at {image_size} px on {torch.cuda.get_device_name(device) if cuda else 'cpu'}"
@@ -86,7 +86,7 @@ def main() -> None:
             r["mfu"] = r["flops_per_step"] / r["s_per_step"] / (args.peak_tflops * 1e12)
             rows.append(r)
             print(f"{r['key']:16s} {r['samples_per_s']:9.1f} samples/s  {r['s_per_step'] * 1e3:8.1f} ms/step  "
-                  f"{r["flops_per_step"] / 1e9:9.1f} GFLOP/step  MFU {100 * r['mfu']:5.1f} %  (incl. warm-up {r['wall']:.0f} s)",
+                  f"{r['flops_per_step'] / 1e9:9.1f} GFLOP/step  MFU {100 * r['mfu']:5.1f} %  (incl. warm-up {r['wall']:.0f} s)",
                   flush=True)
             if cuda:
                 torch.cuda.empty_cache()

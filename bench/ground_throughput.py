@@ -4,6 +4,10 @@ Both run the same random OWLv2 (real classes, built locally; default a mid size:
 reference descriptions. The naive loop is what users write from the model card: one image at a time through
 ``Owlv2Processor`` + ``Owlv2ForObjectDetection`` + ``post_process_grounded_object_detection``.
 
+The bench's settings are one PipelineConfig (workdir: a temp folder); its samples/ and descriptions/ (reference
+engine) are written by the ingest and describe stages into the folders grain.stages.plan names, and the timed
+``ground`` call reads those and writes the ground stage's planned regions/ folder.
+
     .venv/bin/python bench/ground_throughput.py --images 400
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,13 +24,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from grain.annotate.describe import describe
 from grain.annotate.ground import ground
-from grain.annotate.tiny_owl import build_tiny_owlv2
 from grain.annotate.streaming import local_ray_on_loopback
-from grain.config import DescribeConfig, GroundConfig, IngestConfig, RayConfig, SyntheticConfig
-from grain.data.ingest import ingest
+from grain.config import DescribeConfig, GroundConfig, IngestConfig, PipelineConfig, RayConfig, SyntheticConfig
 from grain.shards import read_table
+from grain.stages import pipeline_stages, plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harnesses (tests/support) are not installed
+from support.tiny_owl import build_tiny_owlv2  # noqa: E402
 
 
 def naive_loop(model_dir: Path, rows: list[dict], texts: dict[str, list[str]], threshold: float) -> float:
@@ -58,10 +64,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grain-bench-ground-"))
     try:
         model = build_tiny_owlv2(work / "owl", hidden=args.hidden, layers=args.layers, heads=4, image_size=args.image_size)
-        ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=args.images)), work / "samples")
-        describe(DescribeConfig(engine="reference"), work / "samples", work / "descriptions")
-        rows = read_table(work / "samples").to_pylist()
-        texts = {r["uid"]: r["descriptions"] for r in read_table(work / "descriptions").to_pylist()}
+        cfg = PipelineConfig(
+            workdir=str(work),
+            ingest=IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=args.images)),
+            describe=DescribeConfig(engine="reference"),
+            ground=GroundConfig(engine="owlv2", model=str(model), batch_size=args.batch_size),
+            ray=RayConfig(actors=args.cores, actor_num_cpus=0.75, batch_size=32, calls_per_actor=1),
+        )
+        for name in pipeline_stages(cfg, "ground")[:-1]:  # ingest, describe: untimed preparation
+            step = plan(cfg, name)
+            step.stage.run(cfg, step.inputs, step.out)
+        grounding = plan(cfg, "ground")
+        samples, descriptions = grounding.inputs["samples"], grounding.inputs["descriptions"]
+        rows = read_table(samples).to_pylist()
+        texts = {r["uid"]: r["descriptions"] for r in read_table(descriptions).to_pylist()}
 
         naive_s = naive_loop(model, rows, texts, 0.3)
 
@@ -71,9 +87,7 @@ def main() -> None:
         local_ray_on_loopback()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start_s = time.perf_counter() - t0
-        cfg = GroundConfig(engine="owlv2", model=str(model), batch_size=args.batch_size)
-        result = ground(cfg, work / "samples", work / "descriptions", work / "regions",
-                        ray_cfg=RayConfig(actors=args.cores, actor_num_cpus=0.75, batch_size=32, calls_per_actor=1))
+        result = ground(cfg.ground, samples, descriptions, grounding.out, ray_cfg=cfg.ray)
         stage_s = time.perf_counter() - t0
         ray.shutdown()
         assert result.complete

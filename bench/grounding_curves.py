@@ -6,6 +6,11 @@ row per checkpoint: the training batch's matched GIoU and L_rd accuracy (from me
 probes — best-query GIoU vs the static baseline (boxes predicted for another image), the GIoU of the box the model
 picks for a description by embedding similarity, and the region→description agreement.
 
+Every folder is the one grain.stages.plan names under the workdir (--out, or a temp folder): the two synthetic
+worlds (train split and held-out split, reference describe and ground) go through the ingest, describe and ground
+stages into samples/, descriptions/ and regions/<fingerprint>, and each preset trains into train/<fingerprint> (the
+train stage's folder for that preset's train config, reading the inputs the registry plans for --mode).
+
     .venv/bin/python bench/grounding_curves.py --steps 800 --every 100 --presets paper small-scale
 """
 
@@ -17,10 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from grain.annotate.describe import describe
-from grain.annotate.ground import ground
-from grain.config import DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig, TrainConfig
-from grain.data.ingest import ingest
+from grain.config import DescribeConfig, GroundConfig, IngestConfig, PipelineConfig, SyntheticConfig, TrainConfig
+from grain.stages import pipeline_stages, plan
 from grain.train.checkpoint import list_checkpoints
 from grain.train.loop import train
 from grain.train.model import load_model
@@ -35,11 +38,19 @@ PRESETS = {
 }
 
 
-def make_world(root: Path, split: str, n: int) -> tuple[Path, Path, Path]:
-    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(split=split, num_images=n)), root / "samples")
-    describe(DescribeConfig(engine="reference"), root / "samples", root / "descriptions")
-    ground(GroundConfig(engine="reference"), root / "samples", root / "descriptions", root / "regions")
-    return root / "samples", root / "descriptions", root / "regions"
+def world_config(root: Path, split: str, n: int) -> PipelineConfig:
+    """A synthetic world: ``n`` images of ``split``, described and grounded by the reference engines."""
+    return PipelineConfig(workdir=str(root), ingest=IngestConfig(num_shards=4, synthetic=SyntheticConfig(split=split, num_images=n)),
+                          describe=DescribeConfig(engine="reference"), ground=GroundConfig(engine="reference"))
+
+
+def make_world(cfg: PipelineConfig) -> tuple[Path, Path, Path]:
+    """Run ingest, describe and ground for ``cfg`` into their planned folders; (samples, descriptions, regions)."""
+    for name in pipeline_stages(cfg, "ground"):
+        step = plan(cfg, name)
+        step.stage.run(cfg, step.inputs, step.out, **({"contact_sheet": False} if name == "ground" else {}))
+    grounding = plan(cfg, "ground")
+    return grounding.inputs["samples"], grounding.inputs["descriptions"], grounding.out
 
 
 def main() -> None:
@@ -56,16 +67,20 @@ def main() -> None:
     args = ap.parse_args()
 
     root = args.out or Path(tempfile.mkdtemp(prefix="grain-grounding-"))
-    train_dirs = make_world(root / "world", "train", args.images)
+    world = world_config(root, "train", args.images)
+    make_world(world)
     # held out: the distractor split — new images of unseen classes (new part combinations), two creatures each
-    held = make_world(root / "held", "distractor", 256)
+    held = make_world(world_config(root, "distractor", 256))
 
     for preset in args.presets:
-        out = root / f"run-{preset}"
-        cfg = TrainConfig(mode=args.mode, arch=args.arch, arch_overrides=PRESETS[preset], steps=args.steps,
-                          batch_size=args.batch_size, checkpoint_every=args.every, keep_last=10_000, log_every=args.every)
+        cfg = world.model_copy(update={"train": TrainConfig(
+            mode=args.mode, arch=args.arch, arch_overrides=PRESETS[preset], steps=args.steps, batch_size=args.batch_size,
+            checkpoint_every=args.every, keep_last=10_000, log_every=args.every)})
+        training = plan(cfg, "train")  # inputs: those --mode reads, from the world's planned folders
+        out = training.out
         t0 = time.perf_counter()
-        train(cfg, *train_dirs, out, resume=None, progress=False, export=False)
+        train(cfg.train, *(training.inputs.get(k) for k in ("samples", "descriptions", "regions")), out, resume=None,
+              progress=False, export=False)
         seconds = time.perf_counter() - t0
         metrics = {m["step"]: m for m in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())}
         print(f"\n== preset {preset}: {json.dumps(PRESETS[preset])}, mode {args.mode}, {args.arch}, "

@@ -3,7 +3,8 @@
 Part 1 — step time. Three contestants, same towers (the arch's ``vision_cfg`` / ``text_cfg``), same batch, same
 image size, same seed and torch threads (default 1, see --threads), each doing a full optimizer step (zero_grad, forward, loss, backward,
 AdamW step, logit-scale clamp) on the SAME pre-built batches (taken once from ``TrainLoader`` over a synthetic
-world: real ingest → reference describe → reference ground; no data loading inside the timed region):
+world: real ingest → reference describe → reference ground, run through grain.stages into the folders it plans for
+the bench's PipelineConfig (workdir: a temp folder); no data loading inside the timed region):
 
   a. GRAIN (ours):  ``build_model(arch, "grain")`` + ``GrainCriterion("grain", ...)`` through
                     ``grain.train.loop.forward_backward``, AdamW from ``build_optimizer`` (``model.param_groups``),
@@ -21,11 +22,11 @@ in rotating order (a,b,c / b,c,a / c,a,b ...) so background load hits all of the
 over rounds is reported. Targets: GRAIN / CLIP(ours) ≤ 1.15 and CLIP(ours) / open_clip ≤ 1.05.
 
 Part 2 — loader images/s per core. The same N synthetic images (PNG, --image-px) read two ways, each with ONE
-decode thread and torch threads = 1: (1) our samples/ Parquet shards (+ descriptions/ + regions/ joined) through
-``TrainLoader(num_workers=1, prefetch=0)``; (2) the same PNG bytes as files + a tab-separated CSV (filepath, title)
-through ``open_clip_train.data.CsvDataset`` with open_clip's eval preprocess (``open_clip.image_transform``) and the
-same ``SimpleTokenizer``, via ``torch.utils.data.DataLoader(num_workers=0)``. One pass each after a short warm-up,
-interleaved over 3 rounds, median.
+decode thread and torch threads = 1: (1) our samples/ Parquet shards (+ descriptions/ + regions/ joined: the
+train stage's planned inputs) through ``TrainLoader(num_workers=1, prefetch=0)``; (2) the same PNG bytes as files
++ a tab-separated CSV (filepath, title) through ``open_clip_train.data.CsvDataset`` with open_clip's eval
+preprocess (``open_clip.image_transform``) and the same ``SimpleTokenizer``, via
+``torch.utils.data.DataLoader(num_workers=0)``. One pass each after a short warm-up, interleaved over 3 rounds, median.
 
     .venv/bin/python bench/train_step.py
     .venv/bin/python bench/train_step.py --arch grain-small --rounds 3
@@ -52,11 +53,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grain.annotate.describe import describe
-from grain.annotate.ground import ground
-from grain.config import DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig, TrainConfig
-from grain.data.ingest import ingest
+from grain.config import DescribeConfig, GroundConfig, IngestConfig, PipelineConfig, SyntheticConfig, TrainConfig
 from grain.shards import read_table
+from grain.stages import pipeline_stages, plan
 from grain.train.data import Batch, TrainLoader
 from grain.train.loop import build_optimizer, forward_backward
 from grain.train.losses import GrainCriterion
@@ -70,15 +69,33 @@ CLIP_OVER_OPENCLIP_TARGET = 1.05
 # ------------------------------------------------------------------------------------------------ data
 
 
-def build_world(root: Path, images: int, image_px: int) -> None:
-    """samples/ + descriptions/ + regions/ from the real stage functions (in process, reference engines)."""
-    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=images, image_size=image_px)), root / "samples")
-    describe(DescribeConfig(engine="reference"), root / "samples", root / "descriptions")
-    ground(GroundConfig(engine="reference"), root / "samples", root / "descriptions", root / "regions")
+World = dict[str, Path]  # the train stage's planned inputs: {"samples", "descriptions", "regions"} -> folder
 
 
-def take_batches(root: Path, n: int, batch_size: int, image_size: int, context_length: int, cfg: TrainConfig) -> list[Batch]:
-    loader = TrainLoader(root / "samples", root / "descriptions", root / "regions", batch_size=batch_size,
+def world_config(root: Path, images: int, image_px: int) -> PipelineConfig:
+    """The synthetic world's pipeline config: workdir ``root``, reference describe and ground, grain training."""
+    return PipelineConfig(
+        workdir=str(root),
+        ingest=IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=images, image_size=image_px)),
+        describe=DescribeConfig(engine="reference"), ground=GroundConfig(engine="reference"),
+        train=TrainConfig(mode="grain"),
+    )
+
+
+def build_world(root: Path, images: int, image_px: int) -> World:
+    """samples/ + descriptions/ + regions/ from the real stages (in process, reference engines), each in the folder
+    grain.stages.plan names under ``root``; returns the train stage's inputs (those folders, by name)."""
+    cfg = world_config(root, images, image_px)
+    for name in pipeline_stages(cfg, "train")[:-1]:  # ingest, describe, ground
+        step = plan(cfg, name)
+        step.stage.run(cfg, step.inputs, step.out, **({"contact_sheet": False} if name == "ground" else {}))
+    world = plan(cfg, "train").inputs
+    assert set(world) == {"samples", "descriptions", "regions"}, world
+    return world
+
+
+def take_batches(world: World, n: int, batch_size: int, image_size: int, context_length: int, cfg: TrainConfig) -> list[Batch]:
+    loader = TrainLoader(world["samples"], world["descriptions"], world["regions"], batch_size=batch_size,
                          image_size=image_size, context_length=context_length, max_regions=cfg.max_regions,
                          rewrite_prob=cfg.rewrite_prob, seed=cfg.seed, num_workers=1, prefetch=0)
     try:
@@ -170,11 +187,11 @@ def open_clip_reference(arch: dict[str, Any], cfg: TrainConfig, batches: list[Ba
     return Contestant("open_clip", "open_clip CLIP", step, sum(p.numel() for p in model.parameters()))
 
 
-def part1(args: argparse.Namespace, root: Path, device: torch.device) -> None:
+def part1(args: argparse.Namespace, world: World, device: torch.device) -> None:
     arch = load_arch(args.arch)
     cfg = TrainConfig(arch=args.arch, batch_size=args.batch_size)
     image_size, ctx = int(arch["vision_cfg"]["image_size"]), int(arch["text_cfg"]["context_length"])
-    batches = take_batches(root, args.batches, args.batch_size, image_size, ctx, cfg)
+    batches = take_batches(world, args.batches, args.batch_size, image_size, ctx, cfg)
     clip_batches = [without_descriptions(b) for b in batches]
     cuda = device.type == "cuda"
 
@@ -246,13 +263,14 @@ def part1(args: argparse.Namespace, root: Path, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------ part 2
 
 
-def write_files(root: Path) -> tuple[Path, int]:
-    """The samples' image bytes as files (unchanged) + a tab-separated CSV (filepath, title) for CsvDataset."""
+def write_files(root: Path, samples: Path) -> tuple[Path, int]:
+    """The samples' image bytes as files under ``root`` (unchanged) + a tab-separated CSV (filepath, title) for
+    CsvDataset."""
     from PIL import Image
 
     folder = root / "files"
     folder.mkdir()
-    rows = read_table(root / "samples", columns=["uid", "image", "caption"]).to_pylist()
+    rows = read_table(samples, columns=["uid", "image", "caption"]).to_pylist()
     csv_path = root / "train.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh, delimiter="\t")
@@ -304,8 +322,8 @@ def import_csv_dataset() -> type:
     return importlib.import_module("open_clip_train.data").CsvDataset
 
 
-def ours_pass(root: Path, n_batches: int, batch_size: int, image_size: int, ctx: int, cfg: TrainConfig, warmup: int) -> float:
-    loader = TrainLoader(root / "samples", root / "descriptions", root / "regions", batch_size=batch_size,
+def ours_pass(world: World, n_batches: int, batch_size: int, image_size: int, ctx: int, cfg: TrainConfig, warmup: int) -> float:
+    loader = TrainLoader(world["samples"], world["descriptions"], world["regions"], batch_size=batch_size,
                          image_size=image_size, context_length=ctx, max_regions=cfg.max_regions,
                          rewrite_prob=cfg.rewrite_prob, seed=cfg.seed, num_workers=1, prefetch=0)
     try:
@@ -339,11 +357,11 @@ def open_clip_pass(csv_path: Path, batch_size: int, image_size: int, ctx: int, w
     return dt
 
 
-def part2(args: argparse.Namespace, root: Path) -> None:
+def part2(args: argparse.Namespace, root: Path, world: World) -> None:
     arch = load_arch(args.arch)
     cfg = TrainConfig(arch=args.arch)
     image_size, ctx = int(arch["vision_cfg"]["image_size"]), int(arch["text_cfg"]["context_length"])
-    csv_path, n = write_files(root)
+    csv_path, n = write_files(root, world["samples"])
     bs = args.loader_batch_size
     n_batches = n // bs
     threads = torch.get_num_threads()
@@ -355,7 +373,7 @@ def part2(args: argparse.Namespace, root: Path) -> None:
             for who in order:
                 gc.collect()
                 if who == "ours":
-                    secs[who].append(ours_pass(root, n_batches, bs, image_size, ctx, cfg, args.loader_warmup))
+                    secs[who].append(ours_pass(world, n_batches, bs, image_size, ctx, cfg, args.loader_warmup))
                 else:
                     secs[who].append(open_clip_pass(csv_path, bs, image_size, ctx, args.loader_warmup))
     finally:
@@ -424,14 +442,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grain-bench-train-"))
     try:
         t0 = time.perf_counter()
-        build_world(work, args.images, args.image_px)
+        world = build_world(work, args.images, args.image_px)
         print(f"synthetic world: {args.images} images, {args.image_px} px, built in {time.perf_counter() - t0:.1f} s")
         print()
         if args.part in ("1", "both"):
-            part1(args, work, device)
+            part1(args, world, device)
             print()
         if args.part in ("2", "both"):
-            part2(args, work)
+            part2(args, work, world)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

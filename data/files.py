@@ -7,15 +7,46 @@ every stage:
   transparency, 16-bit and 32-bit integer greys (scaled, not clipped), CMYK (through its ICC profile when it has
   one) and EXIF orientation. Ingest stores images converted by this rule; the training loader and every eval
   adapter decode with it, so an image is prepared the same way whichever path it takes.
+* :data:`IMAGE_EXTENSIONS`: the file / tar member extensions that hold an image, for every reader.
+* :func:`split_member_name` / :func:`iter_tar_members`: webdataset tars. One key rule (webdataset's: the key is the
+  member path up to the first dot of its basename, folders included; the extension is the rest, lowercased) and
+  one scanner, which ingest streams member bytes through (``read_webdataset_tar``) and evaluate indexes image
+  members with (``load_clip_benchmark``).
+* :func:`iter_table_rows`: CSV / TSV / JSON / JSONL lists, one row at a time, for ingest's ``csv`` source and
+  evaluate's labelled lists. Files are opened as ``utf-8-sig``, so a byte-order mark never reaches the header.
+* :func:`file_signature`: ``[relative path, size, mtime_ns]`` of input files, what ingest's input signature and
+  every eval dataset fingerprint hash. Paths are relative to the data's own root, so the same data in another
+  folder or workdir has the same signature.
+
+Tars are read with the stdlib ``tarfile`` rather than the ``webdataset`` / ``wids`` packages. Evaluate needs each
+image member's data offset and size in the tar file, to read one member on demand; webdataset's iterators stream
+whole samples without them, and wids reads by sample index through its own shard-list descriptor and is not a
+dependency. Ingest must account for every row of a tar cut short: the members read before the break are kept and
+the error is reported so the sidecar parquet accounts for the rest, where webdataset's iterators either raise or,
+through an error handler, silently drop what follows.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import json
+import os
+import tarfile
 import warnings
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+#: File and tar member extensions that hold an image (compared lowercase), in the order a webdataset sample with
+#: several image members picks from in ingest. CLIP_benchmark shards use webp, jpg, jpeg and png.
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: Suffixes :func:`iter_table_rows` reads (compared lowercase).
+TABLE_SUFFIXES: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl", ".ndjson")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -49,6 +80,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1 = upright, also when there is none)."""
+    return img.getexif().get(EXIF_ORIENTATION, 1) or 1
+
+
+def orient(img: Image.Image) -> Image.Image:
+    """The image as it should be seen: EXIF-transposed when its orientation tag says rotated or mirrored."""
+    return ImageOps.exif_transpose(img) if exif_orientation(img) != 1 else img
+
+
 def decode_rgb(data: bytes, *, where: str = "image") -> Image.Image:
     """Decode encoded image bytes to RGB (EXIF orientation applied, then :func:`to_rgb`).
 
@@ -59,8 +103,193 @@ def decode_rgb(data: bytes, *, where: str = "image") -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-        if img.getexif().get(0x0112, 1) not in (1, None):
-            img = ImageOps.exif_transpose(img)
+        img = orient(img)
     except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one error naming the item
         raise ValueError(f"{where}: cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
     return to_rgb(img)
+
+
+# ----------------------------------------------------------------------------------------------- webdataset tars
+
+
+class TarReadError(ValueError):
+    """A tar could not be read to its end; the message names the tar, ``reason`` says what broke."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: cannot read the tar ({reason})")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One sample field of a webdataset tar.
+
+    ``offset`` is where the member's data starts in the tar file (None when the tar is compressed: then there is
+    no file offset to seek to); ``data`` holds its bytes when :func:`iter_tar_members` was asked to read them.
+    """
+
+    name: str
+    key: str
+    ext: str
+    offset: int | None
+    size: int
+    data: bytes | None = None
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """webdataset's ``(key, extension)`` of a tar member path, or None when the member is not a sample field.
+
+    The key is the path up to the first dot of the basename, folders included, and the extension everything after
+    that dot, lowercased: ``a/b.c.jpg`` → ``("a/b", "c.jpg")``; a dot in a folder name is not a split point. A
+    leading ``./`` (what ``tar -cf x.tar .`` writes) is not part of the key. Not sample fields: members whose
+    basename has no extension, or starts with a dot (hidden files, macOS ``._`` resource forks). A key starting
+    with ``_`` is an ordinary key, so no row is ever dropped for its name.
+    """
+    while name.startswith("./"):
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_tar_members(path: str | Path, *, read_exts: Collection[str] | None = None) -> Iterator[TarMember]:
+    """Every sample field of a (plain or compressed) tar, in tar order, with its key, offset and size.
+
+    ``read_exts`` says whose bytes to read into ``data`` (None: every member's); the others are only indexed.
+    Regular files only; names that are not sample fields are skipped (:func:`split_member_name`).
+
+    Raises TarReadError naming the tar when it cannot be opened or breaks off (truncated or corrupt) — after the
+    members read before the break have been yielded, so a caller can keep them and account for the rest.
+    """
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            plain = tar.fileobj is raw  # a compressed tar is read through a decompressor: no file offsets
+            for info in tar:
+                if not info.isfile():
+                    continue
+                split = split_member_name(info.name)
+                if split is None:
+                    continue
+                key, ext = split
+                data = None
+                if read_exts is None or ext in read_exts:
+                    fh = tar.extractfile(info)
+                    data = fh.read() if fh is not None else b""
+                yield TarMember(info.name, key, ext, info.offset_data if plain else None, info.size, data)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise TarReadError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- table files
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of a table file.
+
+    ``where`` names it for messages: ``"<file>:<line>"`` (CSV/TSV: the line the row ends on; JSONL: its line) or
+    ``"<file> item <n>"`` (a JSON list). ``value`` is the row as a dict, or, for a JSON line / item that is not an
+    object, its raw text. ``problem`` says why a row is unusable (not a JSON object, more fields than the CSV
+    header); readers report such a row (ingest quarantines it, evaluate raises) rather than drop it.
+    """
+
+    where: str
+    value: dict[str, Any] | str
+    problem: str | None = None
+
+
+def iter_table_rows(path: str | Path) -> Iterator[TableRow]:
+    """The rows of a ``.csv`` / ``.tsv`` (header row, then one row per record), ``.jsonl`` / ``.ndjson`` (one JSON
+    object per line) or ``.json`` (a list of objects) file, in file order; blank lines are not rows.
+
+    The file is read as ``utf-8-sig`` (a byte-order mark is dropped, so it never sticks to the first header
+    name), header names are stripped of surrounding spaces, and bytes that are not UTF-8 become U+FFFD.
+
+    Raises FileNotFoundError for a missing file, ValueError naming the file for an unknown suffix, or a ``.json``
+    file that is not a JSON list.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown list format {suffix!r}; use {', '.join(TABLE_SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    # Invalid UTF-8 is replaced, not an error, so one bad byte costs one caption, not the file; a later issue
+    # makes this configurable.
+    with open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8-sig", errors="replace") as fh:
+        if suffix in (".csv", ".tsv"):
+            yield from _csv_rows(path, fh, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".json":
+            yield from _json_list_rows(path, fh.read())
+        else:
+            yield from _json_line_rows(path, fh)
+
+
+def _csv_rows(path: Path, fh: Iterable[str], delimiter: str) -> Iterator[TableRow]:
+    reader = csv.DictReader(fh, delimiter=delimiter)
+    if reader.fieldnames is None:
+        return
+    reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row:  # DictReader files the extra fields under the key None
+            fields = len(reader.fieldnames) + len(row[None])
+            yield TableRow(where, row, f"{fields} fields but the header has {len(reader.fieldnames)}")
+        else:
+            yield TableRow(where, row)
+
+
+def _json_line_rows(path: Path, fh: Iterable[str]) -> Iterator[TableRow]:
+    for n, text in enumerate(fh, 1):
+        if not text.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield TableRow(where, text, f"not valid JSON ({exc})")
+            continue
+        if isinstance(obj, dict):
+            yield TableRow(where, obj)
+        else:
+            yield TableRow(where, text, f"expected a JSON object, got {type(obj).__name__}")
+
+
+def _json_list_rows(path: Path, text: str) -> Iterator[TableRow]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: not valid JSON ({exc}); a .json list is one JSON array of objects (one object per line is .jsonl)"
+        ) from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for n, item in enumerate(data):
+        where = f"{path} item {n}"
+        if isinstance(item, dict):
+            yield TableRow(where, item)
+        else:
+            yield TableRow(where, json.dumps(item, ensure_ascii=False), f"expected a JSON object, got {type(item).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- signatures
+
+
+def file_signature(files: Iterable[str | Path], root: str | Path) -> list[list[Any]]:
+    """``[path relative to root, size, mtime_ns]`` of each file, in the order given (make-style change detection).
+
+    Paths are relative to ``root`` (POSIX separators; ``../`` for a file outside it), so the signature of the same
+    data moved or copied with its timestamps to another folder is unchanged. Raises FileNotFoundError naming a
+    missing file.
+    """
+    base = os.path.abspath(root)
+    out: list[list[Any]] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f} does not exist") from None
+        out.append([Path(os.path.relpath(os.path.abspath(f), base)).as_posix(), st.st_size, st.st_mtime_ns])
+    return out

@@ -11,15 +11,14 @@ import io
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from grain.data.files import to_rgb
+from grain.data.files import exif_orientation, orient, to_rgb
 
 #: Formats stored as they are when no change is needed; everything else is re-encoded.
 PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
 #: Lossy sources are re-encoded as JPEG; lossless ones (PNG, GIF, BMP, TIFF, 16-bit…) as PNG.
 LOSSY_FORMATS = {"JPEG", "WEBP", "MPO"}
-_EXIF_ORIENTATION = 0x0112
 
 
 class ImageRejected(Exception):
@@ -85,9 +84,9 @@ def normalise_image(
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         changes.append(f"first_frame_of:{frames}")
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    if orientation not in (1, None):
-        img = ImageOps.exif_transpose(img)
+    orientation = exif_orientation(img)
+    if orientation != 1:
+        img = orient(img)
         changes.append(f"exif_orientation:{orientation}")
     if img.mode != "RGB":
         changes.append(f"mode:{img.mode}->RGB")

@@ -14,24 +14,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from grain.config import IngestConfig, fingerprint
+from grain.config import IngestConfig
 from grain.contracts import SAMPLES_SCHEMA
 from grain.data.images import ImageRejected, normalise_image
-from grain.data.readers import RawRecord, input_signature, plan_shards, read_shard
+from grain.data.readers import RawRecord, plan_shards, read_shard
 from grain.shards import Shard, ShardSink, StageResult, run_stage
-
-STAGE = "ingest"
-#: Bump when the bytes ingest writes for the same input and config would change.
-CODE_VERSION = "ingest/1"
-
-
-def ingest_fingerprint(cfg: IngestConfig, upstream: dict[str, Any] | None = None) -> str:
-    """Fingerprint of samples/: the ingest config, the code version and the input files' signature."""
-    return fingerprint(STAGE, cfg, CODE_VERSION, upstream if upstream is not None else _upstream(cfg))
-
-
-def _upstream(cfg: IngestConfig) -> dict[str, Any]:
-    return {"inputs": input_signature(cfg)}
+from grain.stages import INGEST
 
 
 def ingest(
@@ -43,22 +31,23 @@ def ingest(
     workers: int = 1,
     progress: bool = False,
 ) -> StageResult:
-    """Write samples/ for ``cfg`` into ``out_dir`` (conventionally ``<workdir>/samples/<fingerprint>``).
+    """Write samples/ for ``cfg`` into ``out_dir`` (conventionally ``<workdir>/samples/<fingerprint>``, see
+    grain.stages).
 
     Finished shards are skipped, so a rerun after a crash redoes only unfinished shards and a warm rerun does
     no work. ``rank``/``world_size`` split the shards between processes or machines.
     """
     shards = plan_shards(cfg)
-    upstream = _upstream(cfg)
+    upstream = INGEST.upstream(cfg, {})
     return run_stage(
-        STAGE,
+        INGEST.name,
         out_dir,
-        ingest_fingerprint(cfg, upstream),
+        INGEST.fingerprint(cfg, upstream),
         shards,
         functools.partial(ingest_shard, cfg),
         SAMPLES_SCHEMA,
         config=cfg.model_dump(mode="json"),
-        code_version=CODE_VERSION,
+        code_version=INGEST.code_version,
         upstream=upstream,
         rank=rank,
         world_size=world_size,

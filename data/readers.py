@@ -8,15 +8,14 @@ Formats:
   a metadata sidecar ``NNNNN.parquet`` (every attempted URL, with ``status``) and ``NNNNN_stats.json``.
 - **parquet**: img2dataset parquet output (``key``, ``caption``, ``jpg`` bytes, ``status``…) or Hugging Face style
   (an image column holding bytes or a ``{bytes, path}`` struct, plus a caption column).
-- **csv**: ``.csv``/``.tsv``/``.jsonl`` rows of (image path, caption), paths relative to ``image_root``.
+- **csv**: ``.csv``/``.tsv``/``.jsonl``/``.json`` rows of (image path, caption), paths relative to ``image_root``
+  (read by grain.data.files.iter_table_rows, the reader evaluate's labelled lists use too).
 - **synthetic**: the built-in world (grain.data.synthetic).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from grain.config import IngestConfig
+from grain.data.files import IMAGE_EXTENSIONS, TABLE_SUFFIXES, TarReadError, file_signature, iter_table_rows, iter_tar_members
 from grain.shards import Shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 IMAGE_COLUMN_CANDIDATES = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
 PATH_COLUMN_CANDIDATES = ("image", "image_path", "path", "file", "filepath", "file_name", "filename")
 
@@ -58,7 +57,7 @@ def input_files(cfg: IngestConfig) -> list[Path]:
     if cfg.source == "synthetic":
         return []
     path = Path(cfg.path or "")
-    patterns = {"webdataset": ("*.tar",), "parquet": ("*.parquet",), "csv": ("*.csv", "*.tsv", "*.jsonl", "*.json")}[cfg.source]
+    patterns = {"webdataset": ("*.tar",), "parquet": ("*.parquet",), "csv": tuple(f"*{s}" for s in TABLE_SUFFIXES)}[cfg.source]
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -73,14 +72,19 @@ def input_files(cfg: IngestConfig) -> list[Path]:
 
 
 def input_signature(cfg: IngestConfig) -> dict[str, Any]:
-    """What identifies the input data for the fingerprint: each file's path, size and mtime (make-style), or the
-    synthetic world's version."""
+    """What identifies the input data for the fingerprint: each file's path, size and mtime (make-style,
+    grain.data.files.file_signature), or the synthetic world's version.
+
+    Paths are relative to ``ingest.path`` (a folder: relative to it; a single file: its name), so the same input
+    in another folder or workdir gives the same samples/ fingerprint.
+    """
     if cfg.source == "synthetic":
         from grain.data.synthetic import WORLD_VERSION
 
         return {"synthetic_world": WORLD_VERSION}
     files = input_files(cfg)
-    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    path = Path(cfg.path or "")
+    return {"files": file_signature(files, path if path.is_dir() else path.parent)}
 
 
 def plan_shards(cfg: IngestConfig) -> list[Shard]:
@@ -90,8 +94,12 @@ def plan_shards(cfg: IngestConfig) -> list[Shard]:
     files = input_files(cfg)
     if cfg.source == "csv":
         if len(files) != 1:
-            raise InputError(f"ingest.path {cfg.path!r}: source 'csv' reads one .csv/.tsv/.jsonl file, found {len(files)}; name the file")
-        return _row_ranges(_count_table_rows(files[0]), cfg.num_shards, (str(files[0]),))
+            raise InputError(f"ingest.path {cfg.path!r}: source 'csv' reads one {'/'.join(TABLE_SUFFIXES)} file, found {len(files)}; name the file")
+        try:
+            num_rows = sum(1 for _ in iter_table_rows(files[0]))
+        except ValueError as exc:  # an unknown suffix, a .json file that is not a list
+            raise InputError(str(exc)) from None
+        return _row_ranges(num_rows, cfg.num_shards, (str(files[0]),))
     return [Shard(i, (str(f),)) for i, f in enumerate(files)]
 
 
@@ -99,10 +107,6 @@ def _row_ranges(n: int, num_shards: int, inputs: tuple[str, ...]) -> list[Shard]
     num_shards = max(1, min(num_shards, n)) if n else 1
     bounds = [round(i * n / num_shards) for i in range(num_shards + 1)]
     return [Shard(i, inputs, bounds[i], bounds[i + 1]) for i in range(num_shards)]
-
-
-def _count_table_rows(path: Path) -> int:
-    return sum(1 for _ in _iter_table_file(path))
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -139,28 +143,20 @@ def read_synthetic(cfg: IngestConfig, start: int, stop: int) -> Iterator[RawReco
 def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
     """Group a webdataset tar's members by key; reconcile with the img2dataset sidecar parquet if present.
 
+    Members and keys are those of grain.data.files.iter_tar_members (webdataset's key rule; the scanner evaluate
+    indexes CLIP_benchmark shards with); a key with several image members takes the first of IMAGE_EXTENSIONS.
     Keys listed in the sidecar as failed downloads become ``download_failed``; keys the sidecar says succeeded but
     the tar lacks (e.g. a tar cut short) become ``missing_image``. A tar that cannot be read to the end yields
     what it could read and accounts for the rest through the sidecar.
     """
     source = f"webdataset:{tar_path.name}"
     groups: dict[str, dict[str, bytes]] = {}
-    tar_error = None
+    tar_error: TarReadError | None = None
     try:
-        with tarfile.open(tar_path, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = Path(member.name).name
-                key, dot, ext = name.partition(".")
-                if not dot or key.startswith("_"):
-                    continue
-                fh = tar.extractfile(member)
-                if fh is None:
-                    continue
-                groups.setdefault(_key_prefix(member.name, key), {})[ext.lower()] = fh.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        tar_error = f"{type(exc).__name__}: {exc}"
+        for member in iter_tar_members(tar_path):
+            groups.setdefault(member.key, {})[member.ext] = member.data or b""
+    except TarReadError as exc:
+        tar_error = exc
 
     sidecar = _read_sidecar(tar_path)
     for key, files in groups.items():
@@ -180,16 +176,11 @@ def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
         if status not in (None, "success"):
             problem = ("download_failed", f"{tar_path.name}: key {key}: status={status}: {row.get('error_message') or ''}".rstrip(": "))
         else:
-            why = f"tar unreadable after some members ({tar_error})" if tar_error else "no member in the tar"
+            why = f"tar unreadable after some members ({tar_error.reason})" if tar_error else "no member in the tar"
             problem = ("missing_image", f"{tar_path.name}: key {key} listed as {status or 'present'} in the sidecar parquet but {why}")
         yield RawRecord(uid=key, source=source, caption=row.get("caption"), meta=_jsonable(row), problem=problem)
     if tar_error and not sidecar and not groups:
-        raise InputError(f"{tar_path}: cannot read the tar ({tar_error}) and there is no sidecar parquet to account for its rows")
-
-
-def _key_prefix(member_name: str, key: str) -> str:
-    parent = str(Path(member_name).parent)
-    return key if parent in ("", ".") else f"{parent}/{key}"
+        raise InputError(f"{tar_error} and there is no sidecar parquet to account for its rows")
 
 
 def _read_sidecar(tar_path: Path) -> dict[str, dict[str, Any]]:
@@ -236,21 +227,25 @@ def read_parquet_file(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
 
 
 def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Iterator[RawRecord]:
-    """Rows ``[start, stop)`` of a csv/tsv/jsonl list of (image path, caption)."""
+    """Rows ``[start, stop)`` of a csv/tsv/jsonl/json list of (image path, caption); a row the table reader marks
+    unusable (not a JSON object, more fields than the header) is quarantined as ``bad_row``."""
     root = Path(cfg.image_root) if cfg.image_root else path.parent
     source = f"csv:{path.name}"
-    for index, row in enumerate(_iter_table_file(path)):
+    for index, table_row in enumerate(iter_table_rows(path)):
         if index < start:
             continue
         if index >= stop:
             break
         uid = f"{path.stem}-{index:08d}"
-        if isinstance(row, str):  # a line that did not parse
-            yield RawRecord(uid=uid, source=source, meta={"line": index + 1, "text": row[:2000]}, problem=("bad_row", f"{path.name} line {index + 1}: not a JSON object"))
+        row, where = table_row.value, table_row.where
+        if table_row.problem is not None or isinstance(row, str):
+            text = row if isinstance(row, str) else json.dumps(_jsonable(row))
+            problem = ("bad_row", f"{where}: {table_row.problem}")
+            yield RawRecord(uid=uid, source=source, meta={"line": index + 1, "text": text[:2000]}, problem=problem)
             continue
         if cfg.uid_column:
             if row.get(cfg.uid_column) in (None, ""):
-                yield RawRecord(uid=uid, source=source, meta=_jsonable(row), problem=("bad_row", f"{path.name} row {index + 1}: empty {cfg.uid_column!r}"))
+                yield RawRecord(uid=uid, source=source, meta=_jsonable(row), problem=("bad_row", f"{where}: empty {cfg.uid_column!r}"))
                 continue
             uid = str(row[cfg.uid_column])
         image_col = cfg.image_column or next((c for c in PATH_COLUMN_CANDIDATES if c in row), None)
@@ -260,34 +255,15 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
         record = RawRecord(uid=uid, source=source, caption=None if caption is None else str(caption), meta=meta)
         rel = row.get(image_col) if image_col else None
         if not rel:
-            record.problem = ("missing_image", f"{path.name} row {index + 1}: no image path (column {image_col or PATH_COLUMN_CANDIDATES!r})")
+            record.problem = ("missing_image", f"{where}: no image path (column {image_col or PATH_COLUMN_CANDIDATES!r})")
         else:
             image_path = Path(str(rel))
             image_path = image_path if image_path.is_absolute() else root / image_path
             try:
                 record.image = image_path.read_bytes()
             except OSError as exc:
-                record.problem = ("missing_image", f"{path.name} row {index + 1}: cannot read {image_path}: {exc.strerror or exc}")
+                record.problem = ("missing_image", f"{where}: cannot read {image_path}: {exc.strerror or exc}")
         yield record
-
-
-def _iter_table_file(path: Path) -> Iterator[dict[str, Any] | str]:
-    """Rows of a csv/tsv (dicts) or jsonl (dicts, or the raw line when a line is not a JSON object)."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    yield line
-                    continue
-                yield obj if isinstance(obj, dict) else line
-        return
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        yield from csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
 
 
 def _json_or_empty(raw: bytes | None) -> dict[str, Any]:

@@ -20,39 +20,38 @@ file, row or key at fault; rows are never dropped silently):
 ===============================  ==================================================================================
 
 Every dataset carries a ``fingerprint``: a SHA-256 over its name, class names, templates, keys, labels (or
-captions) and the path, size and modification time of every source file, so cached embeddings or results keyed by
-it are invalidated when the data changes.
+captions) and the signature of its source files (grain.data.files.file_signature: each file's path relative to the
+dataset's root, size and modification time), so cached embeddings or results keyed by it are invalidated when the
+data changes but not when the same data sits in another folder or workdir. A samples/ folder is identified by its
+stage fingerprint (``_stage.json``), which is derived from the stage's config and inputs, not from where it lives.
+
+Files are read through grain.data.files, the layer ingest reads with: the same image extensions, the same
+webdataset key rule and tar scanner, the same CSV/TSV/JSON/JSONL reader and the same image decoding.
 
 ``load`` is a small picklable object (not a closure), so a dataset can be handed to worker processes.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
+from grain.data.files import IMAGE_EXTENSIONS, TarMember, decode_rgb, file_signature, iter_table_rows, iter_tar_members
 from grain.shards import STAGE_FILE, output_parts
 
 #: The template used when a dataset ships none.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
-#: Image file extensions recognised by the folder, list and tar adapters (compared lowercase).
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-#: Image member extensions of CLIP_benchmark webdataset shards.
-WDS_IMAGE_EXTENSIONS: tuple[str, ...] = ("webp", "jpg", "jpeg", "png")
 #: Column names tried, in order, for the image path and the label of a labelled list.
 IMAGE_COLUMNS: tuple[str, ...] = ("image", "path", "filepath")
 LABEL_COLUMNS: tuple[str, ...] = ("label", "class")
@@ -154,36 +153,9 @@ def check_templates(templates: Sequence[str], *, where: str = "templates") -> li
     return out
 
 
-def decode_rgb(data: bytes, *, where: str = "image") -> Image.Image:
-    """Decode encoded image bytes to an RGB image; raise ValueError naming ``where`` when they do not decode."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one error naming the item
-        raise ValueError(f"{where}: cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def _natural_key(text: str) -> list[Any]:
     """Sort key that orders embedded numbers numerically (``2.tar`` before ``10.tar``)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _file_signature(paths: Iterable[Path]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` of each file (FileNotFoundError naming a missing one)."""
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{p} does not exist") from None
-        out.append([str(p), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def _fingerprint(kind: str, **parts: Any) -> str:
@@ -245,6 +217,13 @@ def read_classnames(source: str | Path | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("classnames is empty")
     return names
+
+
+def _classnames_signature(source: str | Path | Sequence[str] | None) -> list[list[Any]]:
+    """The file signature of a class-names file (relative to its folder: its name), or ``[]`` for a list."""
+    if isinstance(source, (str, Path)):
+        return file_signature([source], Path(source).parent)
+    return []
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -326,26 +305,23 @@ class _ParquetImageLoader:
 # ----------------------------------------------------------------------------------------------- CLIP_benchmark
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's key/extension split: the key is everything up to the first dot of the basename."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, ext.lower() if dot else ""
-
-
 def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None = None) -> ClassificationSet:
     """A CLIP_benchmark webdataset classification set: ``root/{split}/*.tar`` + ``root/classnames.txt``.
 
-    Each sample of a shard is a key with one image member (``KEY.webp|jpg|jpeg|png``) and ``KEY.cls`` holding the
-    class index as text; ``classnames.txt`` has one class name per line (index = line), and the optional
-    ``zeroshot_classification_templates.txt`` one template with ``{c}`` per line (default ``["a photo of a {c}."]``).
+    Each sample of a shard is a key with one image member (``KEY.webp|jpg|jpeg|png``, or any other extension of
+    grain.data.files.IMAGE_EXTENSIONS) and ``KEY.cls`` holding the class index as text; keys and extensions follow
+    webdataset's rule (grain.data.files.split_member_name: ``a/b.c.jpg`` is key ``a/b``, extension ``c.jpg``), and
+    other members (``KEY.json``…) are ignored. ``classnames.txt`` has one class name per line (index = line), and
+    the optional ``zeroshot_classification_templates.txt`` one template with ``{c}`` per line (default
+    ``["a photo of a {c}."]``).
     Shards are read in natural name order (``2.tar`` before ``10.tar``), members in tar order. The tars are indexed
-    once (data offset and size of each image member), so ``load(i)`` reads exactly one member.
+    once (data offset and size of each image member, grain.data.files.iter_tar_members: the scanner ingest reads
+    webdataset tars with), so ``load(i)`` reads exactly one member. The fingerprint signs the shards and text
+    files relative to ``root``.
 
     Raises FileNotFoundError when the folder, shards or class names are missing; ValueError naming the tar and key
     for a key without an image or without ``.cls``, with two images, a ``.cls`` that is not an integer in range,
-    an empty image, a duplicate key, or a tar that cannot be read.
+    an empty image, a duplicate key, or a tar that cannot be read or is compressed (no offsets to read from).
     """
     root = Path(root)
     split_dir = root / split
@@ -378,7 +354,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
         for key, image, cls in _index_tar(shard):
             label_where = f"{shard} key {key!r}"
             if image is None:
-                raise ValueError(f"{label_where}: no image member (.{'/.'.join(WDS_IMAGE_EXTENSIONS)})")
+                raise ValueError(f"{label_where}: no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
             if cls is None:
                 raise ValueError(f"{label_where}: no .cls member")
             text = cls.strip()
@@ -391,12 +367,14 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
                 )
             if image.size == 0:
                 raise ValueError(f"{label_where}: image member {image.name!r} is empty")
+            if image.offset is None:
+                raise ValueError(f"{shard}: a compressed tar; CLIP_benchmark shards must be plain tars (members are read by offset)")
             keys.append(key)
             labels.append(label)
             where.append(str(shard))
             member_names.append(image.name)
             shard_idx.append(s)
-            offsets.append(image.offset_data)
+            offsets.append(image.offset)
             sizes.append(image.size)
     if not keys:
         raise ValueError(f"no samples in the shards of {split_dir}")
@@ -409,35 +387,26 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
         member_names,
     )
     name = name or f"{root.name}/{split}"
-    sigs = _file_signature(sources + list(shards))
+    sigs = file_signature(sources + list(shards), root)
     return _classification("clip_benchmark", name, classnames, templates, keys, labels, loader, sigs)
 
 
-def _index_tar(path: Path) -> list[tuple[str, tarfile.TarInfo | None, str | None]]:
-    """``[(key, image member, .cls text)]`` of one uncompressed tar, in order of first appearance."""
+def _index_tar(path: Path) -> list[tuple[str, TarMember | None, str | None]]:
+    """``[(key, image member, .cls text)]`` of one tar, in order of first appearance (the members' bytes are not
+    read, except the ``.cls`` texts). A tar that cannot be read raises grain.data.files.TarReadError (a
+    ValueError naming the tar)."""
     samples: dict[str, list[Any]] = {}
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, ext = _split_member(member.name)
-                if key.rpartition("/")[2].startswith("._") or ext == "":
-                    continue  # macOS resource forks, extension-less files: not sample fields
-                entry = samples.setdefault(key, [key, None, None])
-                if ext in WDS_IMAGE_EXTENSIONS:
-                    if entry[1] is not None:
-                        raise ValueError(f"{path} key {key!r}: two image members ({entry[1].name!r}, {member.name!r})")
-                    entry[1] = member
-                elif ext == "cls":
-                    fh = tf.extractfile(member)
-                    raw = fh.read() if fh is not None else b""
-                    try:
-                        entry[2] = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ValueError(f"{path} key {key!r}: .cls is not UTF-8 text") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the tar ({type(exc).__name__}: {exc})") from None
+    for member in iter_tar_members(path, read_exts=("cls",)):
+        entry = samples.setdefault(member.key, [member.key, None, None])
+        if member.ext in IMAGE_EXTENSIONS:
+            if entry[1] is not None:
+                raise ValueError(f"{path} key {member.key!r}: two image members ({entry[1].name!r}, {member.name!r})")
+            entry[1] = member
+        elif member.ext == "cls":
+            try:
+                entry[2] = (member.data or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} key {member.key!r}: .cls is not UTF-8 text") from None
     return [tuple(v) for v in samples.values()]  # type: ignore[misc]
 
 
@@ -456,8 +425,9 @@ def load_image_folder(
 ) -> ClassificationSet:
     """An ImageFolder tree ``root/<class>/<image>``; classes are the sorted subfolder names (torchvision's order).
 
-    Images are the files with an extension in :data:`IMAGE_EXTENSIONS` (any case) anywhere under a class folder,
-    sorted by their path; other files are not samples and are ignored. Keys are ``"<class>/<relative path>"``.
+    Images are the files with an extension in grain.data.files.IMAGE_EXTENSIONS (any case) anywhere under a class
+    folder, sorted by their path; other files are not samples and are ignored. Keys are ``"<class>/<relative
+    path>"``; the fingerprint signs the images relative to ``root``.
     ``classnames`` optionally gives display names: a list aligned with the sorted folders, or a mapping folder →
     name (every folder must be in it). Raises FileNotFoundError for a missing root, no class folders or an empty
     class folder, ValueError for image files directly in ``root`` (probably the wrong root).
@@ -501,58 +471,11 @@ def load_image_folder(
             labels.append(label)
     name = name or root.name
     return _classification(
-        "image_folder", name, names, templates, keys, labels, _FileLoader(paths), _file_signature(Path(p) for p in paths)
+        "image_folder", name, names, templates, keys, labels, _FileLoader(paths), file_signature(paths, root)
     )
 
 
 # ----------------------------------------------------------------------------------------------- labelled lists
-
-
-def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """``[(where, row dict)]`` of a CSV/TSV/JSON/JSONL file; ``where`` is ``"file:line N"`` / ``"file item N"``."""
-    suffix = path.suffix.lower()
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if suffix in (".csv", ".tsv"):
-        out = []
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                raise ValueError(f"{path}: empty file (no header row)")
-            reader.fieldnames = [f.strip() for f in reader.fieldnames]
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"{path}:{reader.line_num}: more fields than the header has")
-                out.append((f"{path}:{reader.line_num}", row))
-        return out
-    if suffix in (".jsonl", ".ndjson"):
-        out = []
-        with open(path, encoding="utf-8") as fh:
-            for n, text in enumerate(fh, 1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                out.append((f"{path}:{n}", row))
-        return out
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        out = []
-        for n, row in enumerate(data):
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} item {n}: expected a JSON object, got {type(row).__name__}")
-            out.append((f"{path} item {n}", row))
-        return out
-    raise ValueError(f"{path}: unknown list format {suffix!r}; use .csv, .tsv, .json or .jsonl")
 
 
 def load_labelled_list(
@@ -571,11 +494,20 @@ def load_labelled_list(
     file with one name per line) fixes the classes and their order, and every name must be in it. Integer labels
     need ``classnames``.
 
-    Raises FileNotFoundError naming the row for a missing image, ValueError naming the row for a missing column, an
-    unknown class name, an index out of range, an ambiguous (duplicated) class name or a duplicate image.
+    The file is read by grain.data.files.iter_table_rows (the reader of ingest's ``csv`` source: ``utf-8-sig``, so
+    a byte-order mark is ignored). The fingerprint signs the list (by its name), a classnames file (by its name)
+    and the images relative to ``image_root``.
+
+    Raises FileNotFoundError naming the row for a missing image, ValueError naming the row for a missing column, a
+    row that is not a JSON object or has more fields than the CSV header, an unknown class name, an index out of
+    range, an ambiguous (duplicated) class name or a duplicate image.
     """
     path = Path(path)
-    records = _read_records(path)
+    records: list[tuple[str, dict[str, Any]]] = []
+    for table_row in iter_table_rows(path):
+        if table_row.problem is not None or not isinstance(table_row.value, dict):
+            raise ValueError(f"{table_row.where}: {table_row.problem}")
+        records.append((table_row.where, table_row.value))
     if not records:
         raise ValueError(f"{path}: no rows")
     base = Path(image_root) if image_root is not None else path.parent
@@ -643,8 +575,7 @@ def load_labelled_list(
             continue
         raise ValueError(f"{loc}: unknown class name {value!r} (not in the {len(names)} classnames)")
 
-    sources = [path] + ([Path(classnames)] if isinstance(classnames, (str, Path)) else [])
-    sigs = _file_signature(sources + [Path(p) for p in paths])
+    sigs = file_signature([path], path.parent) + _classnames_signature(classnames) + file_signature(paths, base)
     name = name or path.stem
     return _classification("labelled_list", name, names, templates, keys, labels, _FileLoader(paths), sigs)
 
@@ -709,7 +640,7 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     if not keys:
         raise ValueError(f"{json_path}: no images in split {split!r}; the file has splits {sorted(splits)}")
     _check_unique_keys(keys, where)
-    sigs = _file_signature([json_path] + [Path(p) for p in paths])
+    sigs = file_signature([json_path], json_path.parent) + file_signature(paths, image_root)
     name = name or f"{json_path.stem}/{split}"
     fp = _fingerprint("karpathy", name=name, keys=keys, captions=captions, sources=sigs)
     return RetrievalSet(name, keys, captions, _FileLoader(paths), fp)
@@ -728,11 +659,31 @@ class _SamplesIndex:
     part: np.ndarray
     group: np.ndarray
     row: np.ndarray
-    sources: list[list[Any]]
+    sources: list[list[Any]]  # the folder's identity for a fingerprint: [["stage", its stage fingerprint]]
+
+
+def _stage_header(samples_dir: str | Path) -> dict[str, Any]:
+    """The ``_stage.json`` header of a stage folder (grain.stages.read_header), ``{}`` when there is none."""
+    from grain.stages import read_header
+
+    try:
+        header = read_header(samples_dir)
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError:
+        raise ValueError(f"{Path(samples_dir) / STAGE_FILE} is not a valid stage header") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{Path(samples_dir) / STAGE_FILE} is not a valid stage header")
+    return header
 
 
 def _index_samples(samples_dir: str | Path, columns: Sequence[str]) -> _SamplesIndex:
-    """Read the small columns of every committed part, with each row's (part, row group, row) position."""
+    """Read the small columns of every committed part, with each row's (part, row group, row) position.
+
+    The folder is identified by its stage fingerprint (the ``fingerprint`` of its ``_stage.json``), not by signing
+    the part files: the fingerprint follows from the stage's config and inputs alone, so the same samples written in
+    another workdir (a synthetic eval split regenerated, say) give the same dataset fingerprints.
+    """
     parts = output_parts(samples_dir)
     uids: list[str] = []
     cols: dict[str, list[Any]] = {c: [] for c in ("label", "caption", "meta")}
@@ -756,6 +707,9 @@ def _index_samples(samples_dir: str | Path, columns: Sequence[str]) -> _SamplesI
     if not uids:
         raise ValueError(f"{samples_dir}: the samples/ folder has no rows")
     _check_unique_keys(uids, [str(parts[p]) for p in part_idx])
+    stage_fingerprint = _stage_header(samples_dir).get("fingerprint")
+    if not isinstance(stage_fingerprint, str) or not stage_fingerprint:
+        raise ValueError(f"{Path(samples_dir) / STAGE_FILE} has no stage fingerprint; is {samples_dir} a stage output folder?")
     n = len(uids)
     return _SamplesIndex(
         [str(p) for p in parts],
@@ -766,7 +720,7 @@ def _index_samples(samples_dir: str | Path, columns: Sequence[str]) -> _SamplesI
         np.asarray(part_idx, dtype=np.int32),
         np.asarray(group_idx, dtype=np.int32),
         np.asarray(row_idx, dtype=np.int32),
-        _file_signature(parts),
+        [["stage", stage_fingerprint]],
     )
 
 
@@ -781,10 +735,12 @@ def load_samples(
 
     ``classnames`` is the dataset's class list (index = dataset label). ``label_map`` maps a row's stored (global)
     label to the dataset label, e.g. the synthetic world's unseen classes 30..49 → 0..19; without it the stored
-    label is the dataset label. Keys are the uids, in shard and row order.
+    label is the dataset label. Keys are the uids, in shard and row order. The fingerprint uses the folder's stage
+    fingerprint (not its part files), so the same samples in another workdir hit the same embedding cache.
 
     Raises FileNotFoundError for an incomplete folder (grain.shards.output_parts), ValueError naming the uid for a
-    null label, a label the map does not cover, or a label outside the class list.
+    null label, a label the map does not cover, or a label outside the class list, and for a folder whose
+    ``_stage.json`` has no fingerprint.
     """
     names = read_classnames(classnames)
     index = _index_samples(samples_dir, ["label"])
@@ -803,7 +759,7 @@ def load_samples(
             raise ValueError(f"{samples_dir}: uid {uid!r} has dataset label {label} outside [0, {len(names)})")
         labels.append(int(label))
     loader = _ParquetImageLoader(index.parts, index.part, index.group, index.row)
-    sources = index.sources + (_file_signature([Path(classnames)]) if isinstance(classnames, (str, Path)) else [])
+    sources = index.sources + _classnames_signature(classnames)
     label_map_part = sorted((int(k), int(v)) for k, v in label_map.items()) if label_map is not None else None
     name = name or Path(samples_dir).name
     # the label map changes what the labels mean, so it enters the fingerprint through the sources list
@@ -832,13 +788,7 @@ def load_samples_retrieval(samples_dir: str | Path, name: str | None = None) -> 
 
 
 def _stage_config(samples_dir: str | Path) -> dict[str, Any]:
-    stage_file = Path(samples_dir) / STAGE_FILE
-    if not stage_file.exists():
-        return {}
-    try:
-        return dict(json.loads(stage_file.read_text()).get("config") or {})
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{stage_file} is not a valid stage header") from None
+    return dict(_stage_header(samples_dir).get("config") or {})
 
 
 def synthetic_classification(

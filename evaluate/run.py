@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from grain.config import EvalConfig, EvalDatasetConfig, IngestConfig, SyntheticConfig, fingerprint
+from grain.config import EvalConfig, EvalDatasetConfig, IngestConfig, SyntheticConfig
 from grain.contracts import EVAL_SCHEMA, rows_to_table
 from grain.evaluate.datasets import fill_template
 from grain.evaluate.zeroshot import (
@@ -19,18 +19,16 @@ from grain.evaluate.zeroshot import (
     TextEncoder,
     descriptor_embeddings,
     encode_images,
-    model_hash,
     names_embeddings,
     region_scores,
     waffle_descriptors,
 )
+from grain.stages import EVAL_RESULTS_FILE, EVAL_SUMMARY_FILE, EVAL_TABLE_FILE, eval_cache_dir, model_key, synthetic_eval_samples
 
 log = logging.getLogger(__name__)
 
-STAGE = "evaluate"
-CODE_VERSION = "evaluate/1"
-RESULTS_FILE = "results.parquet"
-TABLE_FILE = "results.md"
+RESULTS_FILE = EVAL_RESULTS_FILE
+TABLE_FILE = EVAL_TABLE_FILE
 
 
 @dataclass
@@ -43,11 +41,6 @@ class EvalResult:
     seconds: float = 0.0
 
 
-def eval_fingerprint(cfg: EvalConfig, model_key: str) -> str:
-    return fingerprint(STAGE, cfg.model_dump(mode="json", exclude={"model", "batch_size", "device", "retrieval_chunk"}),
-                       CODE_VERSION, {"model": model_key})
-
-
 def _device(pref: str) -> torch.device:
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +51,12 @@ def _device(pref: str) -> torch.device:
 
 
 def _synthetic_samples(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, progress: bool) -> Path:
-    from grain.data.ingest import ingest, ingest_fingerprint
-    from grain.shards import is_complete, stage_dir
+    from grain.data.ingest import ingest
+    from grain.shards import is_complete
 
     icfg = IngestConfig(source="synthetic", num_shards=2,
                         synthetic=base.model_copy(update={"split": ds.split, "num_images": ds.num_images}))
-    out = stage_dir(workdir, "samples", ingest_fingerprint(icfg))
+    out = synthetic_eval_samples(workdir, icfg)
     if not is_complete(out):
         ingest(icfg, out, progress=progress)
     return out
@@ -127,8 +120,8 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     out_dir, workdir = Path(out_dir), Path(workdir)
     device = _device(cfg.device)
     model = load_model(model_dir, device=device)
-    key = model_hash(model_dir)
-    cache = EmbeddingCache(Path(cache_dir) if cache_dir else workdir / "eval" / "cache", key)
+    key = model_key(model_dir)
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir else eval_cache_dir(workdir), key)
     text = TextEncoder(model, device)
     result = EvalResult(out_dir, [])
     base = synthetic or SyntheticConfig()
@@ -202,7 +195,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     tmp.replace(out_dir / RESULTS_FILE)
     (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir))
     result.seconds = time.perf_counter() - t0
-    write_json_atomic(out_dir / "summary.json", {"model": str(model_dir), "model_hash": key, "rows": len(result.rows),
+    write_json_atomic(out_dir / EVAL_SUMMARY_FILE, {"model": str(model_dir), "model_hash": key, "rows": len(result.rows),
                                                   "skipped": result.skipped, "seconds": result.seconds,
                                                   "cache_hits": result.cached, "encoded": result.encoded})
     return result

@@ -20,7 +20,6 @@ re-encodes nothing.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,19 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grain.train.data import load_image
-from grain.train.model import GrainModel
+from grain.train.model import GrainModel, text_tokenizer
 
 # ------------------------------------------------------------------------------------------------ encoders
-
-
-def model_hash(model_dir: str | Path) -> str:
-    """Content hash of an exported model folder (weights + arch): names its embedding cache."""
-    h = hashlib.sha256()
-    for name in ("grain_model.json", "model.safetensors"):
-        with open(Path(model_dir) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -76,10 +65,8 @@ class TextEncoder:
     """Embeds strings with the model's text tower (normalised [N,D]); memoises repeated strings."""
 
     def __init__(self, model: GrainModel, device: str | torch.device = "cpu", batch_size: int = 256) -> None:
-        import open_clip.tokenizer
-
         self.model, self.device, self.batch_size = model, device, batch_size
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+        self.tokenizer = text_tokenizer(model.context_length)
         self._memo: dict[str, Tensor] = {}
 
     @torch.no_grad()

@@ -2,87 +2,68 @@
 and the full pipeline `grain` (its deployment `full-pipeline` is what users start:
 `prefect deployment run grain/full-pipeline`).
 
-Flows take a config path plus dotted overrides (the same as every CLI command) and pass folder paths between
-stages. Each stage flow runs one thin task that calls the stage function in grain.pipeline. Caching: the task's
-cache key is the stage's output folder (named by its fingerprint) — but only when that folder already holds a
-complete output; an incomplete folder gives no key, so the task runs and the stage resumes at its first unfinished
-shard. Retries only where they can help (describe/ground engines over the network), never on bad input
-(config errors are raised before anything runs).
+Orchestration only: which folders a stage reads and writes, and when its output is finished, come from the stage
+registry (grain.stages); each stage flow plans its stage once and runs one task that calls the stage's ``run`` with
+folder paths and returns a summary with its output folder.
 
-Dashboard: each stage task publishes a live progress artifact (shards done / total, updated as shards commit) and a
-table artifact of its counts; the full flow ends with a Markdown report artifact (config summary, per-stage counts
-and timings, the eval table, paths of the contact sheet and loss curve PNGs).
+Parameters (the same for every flow): ``config`` (a YAML path, or none for the built-in default),
+``base_overrides`` (the deployment's own ``--set`` values, fixed by `grain serve` or prefect.yaml) and ``overrides``
+(what a run adds on top: ``--param 'overrides=["train.steps=40"]'``); later overrides win. A stage flow's input
+folders default to the ones its config plans; inputs that are not finished yet are produced first by running the
+upstream stage flows (a `grain-train` run on an empty workdir ingests first; a ``clip`` run without caption
+rewrites never runs describe or ground).
+
+Caching: a task's cache key is its output folder (named by the stage fingerprint); the cached result counts only
+while that folder holds a finished output, otherwise the cache is refreshed and the stage resumes at its first
+unfinished shard (training: its last checkpoint). Retries only where they can help (describe/ground engines over a
+network), never on bad input. Stage subflows run without Prefect's flow heartbeat (the parent flow's heartbeat
+covers the same process; the heartbeat thread sleeps in one-second steps and would add up to a second to every
+subflow's end).
+
+Dashboard: each stage task publishes a live progress artifact (shards done / total) and a table of its counts; the
+full flow ends with a Markdown report artifact and an ``eval-results`` table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import task_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from grain import pipeline as P
+from grain import stages
 from grain.config import PipelineConfig, load_config
 
 
-def _config(config: str | None, overrides: list[str] | None) -> PipelineConfig:
-    return load_config(config, overrides or [])
+def _config(config: str | None, base_overrides: list[str] | None, overrides: list[str] | None) -> PipelineConfig:
+    return load_config(config, [*(base_overrides or []), *(overrides or [])])
 
 
-def _target(stage: str, cfg: PipelineConfig, params: dict[str, Any]) -> Path:
-    if stage == "ingest":
-        return P.samples_dir(cfg)
-    if stage == "describe":
-        return P.descriptions_dir(cfg, params["samples"])
-    if stage == "ground":
-        return P.regions_dir(cfg, params["samples"], params["descriptions"])
-    if stage == "train":
-        return P.train_dir(cfg, params["samples"], params["descriptions"], params["regions"])
-    return P.eval_dir(cfg, params["model"])
+# ------------------------------------------------------------------------------------------------ the stage task
 
 
-def _cache_key(stage: str):
-    """Key = the stage's output folder (its name is the stage fingerprint)."""
-
-    def key(context: Any, params: dict[str, Any]) -> str | None:
-        try:
-            target = _target(stage, _config(params["config"], params["overrides"]), params)
-        except Exception:  # noqa: BLE001 - inputs not ready: no cache; the task itself raises the real error
-            return None
-        return f"grain-{stage}-{target.parent.name}-{target.name}"
-
-    return key
+def _cache_key(context: Any, params: dict[str, Any]) -> str:
+    """The output folder (its name is the stage fingerprint; the absolute path keeps workdirs apart)."""
+    return f"grain-{params['stage']}-{hashlib.sha256(params['out'].encode()).hexdigest()[:20]}"
 
 
-def _submit(stage: str, task_fn: Any, cfg: PipelineConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """Run a stage task; a cached result counts only while the output folder is complete — otherwise the cache is
-    refreshed, i.e. the task runs (and the stage resumes at its first unfinished shard)."""
-    target = _target(stage, cfg, params)
-    fn = task_fn if P.is_finished(stage, target) else task_fn.with_options(refresh_cache=True)
-    return fn(**params)
-
-
-def _run_name(stage: str):
-    def name() -> str:
-        params = task_run.parameters
-        try:
-            target = _target(stage, _config(params["config"], params["overrides"]), params)
-            return f"{stage} {target.parent.name}/{target.name}"
-        except Exception:  # noqa: BLE001
-            return stage
-
-    return name
+def _task_run_name() -> str:
+    params = task_run.parameters
+    out = Path(params["out"])
+    return f"{params['stage']} {out.parent.name}/{out.name}"
 
 
 class _Progress:
     """A Prefect progress artifact per stage, updated from grain.shards' progress listener."""
 
     def __init__(self, stage: str) -> None:
-        self.stage = stage
         self.id = create_progress_artifact(progress=0.0, key=f"{stage}-progress", description=f"{stage}: shards done")
 
     def __call__(self, stage: str, out_dir: Path, done: int, total: int) -> None:
@@ -91,158 +72,161 @@ class _Progress:
                                      description=f"{stage}: {done}/{total} shards in {out_dir}")
 
 
-def _stage_table(stage: str, summary: dict[str, Any]) -> None:
-    keep = {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("quarantined",)}
-    rows = [{"key": k, "value": json.dumps(v) if isinstance(v, (dict, list)) else str(v)} for k, v in sorted(keep.items())]
-    create_table_artifact(table=rows, key=f"{stage}-stats", description=f"{stage}: counts and timings")
-
-
-def _run_stage(stage: str, fn, *args: Any) -> dict[str, Any]:
+@task(cache_key_fn=_cache_key, task_run_name=_task_run_name, persist_result=True)
+def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, str], out: str,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one stage (grain.stages) on its input folders into ``out``; returns its summary."""
     from grain.shards import progress_listener
 
+    cfg = PipelineConfig.model_validate(config)
     t0 = time.perf_counter()
     with progress_listener(_Progress(stage)):
-        summary = fn(*args)
+        summary = stages.get(stage).run(cfg, {k: Path(v) for k, v in inputs.items()}, Path(out), **(options or {}))
     summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
     _stage_table(stage, summary)
+    if stage == "evaluate":
+        create_table_artifact(table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                     for r in summary["rows"]],
+                              key="eval-results", description="zero-shot results (value in [0, 1])")
     get_run_logger().info("%s -> %s (%.1f s)", stage, summary["out"], summary["wall_seconds"])
     return summary
 
 
-# ------------------------------------------------------------------------------------------------ tasks (thin)
+#: The stage task per stage: named after the stage, with the stage's retries.
+TASKS = {name: stage_task.with_options(name=name, retries=s.flow_retries, retry_delay_seconds=30 if s.flow_retries else 0)
+         for name, s in stages.STAGES.items()}
 
 
-@task(name="ingest", task_run_name=_run_name("ingest"), cache_key_fn=_cache_key("ingest"), persist_result=True)
-def ingest_task(config: str | None, overrides: list[str]) -> dict[str, Any]:
-    return _run_stage("ingest", P.run_ingest, _config(config, overrides))
-
-
-@task(name="describe", task_run_name=_run_name("describe"), cache_key_fn=_cache_key("describe"), persist_result=True,
-      retries=2, retry_delay_seconds=30)
-def describe_task(config: str | None, overrides: list[str], samples: str) -> dict[str, Any]:
-    return _run_stage("describe", P.run_describe, _config(config, overrides), samples)
-
-
-@task(name="ground", task_run_name=_run_name("ground"), cache_key_fn=_cache_key("ground"), persist_result=True,
-      retries=1, retry_delay_seconds=30)
-def ground_task(config: str | None, overrides: list[str], samples: str, descriptions: str) -> dict[str, Any]:
-    return _run_stage("ground", P.run_ground, _config(config, overrides), samples, descriptions)
-
-
-@task(name="train", task_run_name=_run_name("train"), cache_key_fn=_cache_key("train"), persist_result=True)
-def train_task(config: str | None, overrides: list[str], samples: str, descriptions: str | None, regions: str | None,
-               launcher: str = "local") -> dict[str, Any]:
-    summary = _run_stage("train", P.run_train, _config(config, overrides), samples, descriptions, regions, launcher)
-    _loss_curve(Path(summary["out"]))
-    return summary
-
-
-@task(name="evaluate", task_run_name=_run_name("evaluate"), cache_key_fn=_cache_key("evaluate"), persist_result=True)
-def evaluate_task(config: str | None, overrides: list[str], model: str) -> dict[str, Any]:
-    summary = _run_stage("evaluate", P.run_evaluate, _config(config, overrides), model)
-    rows = summary.pop("rows")
-    create_table_artifact(table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-                          key="eval-results", description="zero-shot results (value in [0, 1])")
-    return summary
-
-
-def _loss_curve(run_dir: Path) -> None:
-    """<run>/loss_curve.png from metrics.jsonl (linked from the report)."""
-    from grain.train.plot import loss_curve_png
-
-    loss_curve_png(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+def _stage_table(stage: str, summary: dict[str, Any]) -> None:
+    keep = {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k in ("quarantined", "totals")}
+    rows = [{"key": k, "value": json.dumps(v) if isinstance(v, (dict, list)) else str(v)} for k, v in sorted(keep.items())]
+    create_table_artifact(table=rows, key=f"{stage}-stats", description=f"{stage}: counts and timings")
 
 
 # ------------------------------------------------------------------------------------------------ stage flows
 
 
+def _subflow(fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """Run a stage flow as a subflow, without its own heartbeat thread (see the module docstring)."""
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return fn(**kwargs)
+
+
+def _run_stage_flow(stage: str, config: str | None, overrides: list[str] | None, base_overrides: list[str] | None,
+                    given: dict[str, str | None], **options: Any) -> dict[str, Any]:
+    """Plan ``stage`` (producing unfinished inputs first), then run its task — Cached when its output is finished."""
+    cfg = _config(config, base_overrides, overrides)  # config errors fail here, before any task
+    given = {k: v for k, v in given.items() if v is not None}
+    for name in stages.get(stage).needs(cfg):
+        if name in given or (name == "model" and cfg.evaluate.model):
+            continue
+        producer = stages.PRODUCER[name]
+        up = stages.plan(cfg, producer, given)
+        if not up.finished:
+            summary = _subflow(FLOWS[producer], config=config, overrides=overrides, base_overrides=base_overrides,
+                               **{k: v for k, v in given.items() if k in stages.get(producer).inputs},
+                               **({"launcher": options["launcher"]} if producer == "train" and "launcher" in options else {}))
+            given[name] = summary["model"] if name == "model" else summary["out"]
+    step = stages.plan(cfg, stage, given)
+    fn = TASKS[stage] if step.finished else TASKS[stage].with_options(refresh_cache=True)
+    return fn(stage=stage, config=cfg.model_dump(mode="json"), inputs={k: str(v) for k, v in step.inputs.items()},
+              out=str(step.out), options=options or None)
+
+
 @flow(name="grain-ingest")
-def ingest_flow(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg = _config(config, overrides)  # config errors fail here, before any task
-    return _submit("ingest", ingest_task, cfg, {"config": config, "overrides": overrides or []})
+def ingest_flow(config: str | None = None, overrides: list[str] | None = None,
+                base_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Ingest image-caption data into samples/."""
+    return _run_stage_flow("ingest", config, overrides, base_overrides, {})
 
 
 @flow(name="grain-describe")
-def describe_flow(config: str | None = None, overrides: list[str] | None = None, samples: str | None = None) -> dict[str, Any]:
-    cfg = _config(config, overrides)
-    return _submit("describe", describe_task, cfg,
-                   {"config": config, "overrides": overrides or [], "samples": samples or str(P.samples_dir(cfg))})
+def describe_flow(config: str | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None,
+                  samples: str | None = None) -> dict[str, Any]:
+    """Region descriptions for every image (descriptions/)."""
+    return _run_stage_flow("describe", config, overrides, base_overrides, {"samples": samples})
 
 
 @flow(name="grain-ground")
-def ground_flow(config: str | None = None, overrides: list[str] | None = None, samples: str | None = None,
-                descriptions: str | None = None) -> dict[str, Any]:
-    cfg = _config(config, overrides)
-    samples = samples or str(P.samples_dir(cfg))
-    descriptions = descriptions or str(P.descriptions_dir(cfg, samples))
-    return _submit("ground", ground_task, cfg,
-                   {"config": config, "overrides": overrides or [], "samples": samples, "descriptions": descriptions})
+def ground_flow(config: str | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None,
+                samples: str | None = None, descriptions: str | None = None) -> dict[str, Any]:
+    """A box for every description (regions/)."""
+    return _run_stage_flow("ground", config, overrides, base_overrides, {"samples": samples, "descriptions": descriptions})
 
 
 @flow(name="grain-train")
-def train_flow(config: str | None = None, overrides: list[str] | None = None, samples: str | None = None,
-               descriptions: str | None = None, regions: str | None = None, launcher: str = "local") -> dict[str, Any]:
-    cfg = _config(config, overrides)
-    samples = samples or str(P.samples_dir(cfg))
-    descriptions = descriptions or str(P.descriptions_dir(cfg, samples))
-    regions = regions or str(P.regions_dir(cfg, samples, descriptions))
-    return _submit("train", train_task, cfg, {"config": config, "overrides": overrides or [], "samples": samples,
-                                              "descriptions": descriptions, "regions": regions, "launcher": launcher})
+def train_flow(config: str | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None,
+               samples: str | None = None, descriptions: str | None = None, regions: str | None = None,
+               launcher: str = "local") -> dict[str, Any]:
+    """Train the GRAIN model or a baseline (reads only the folders train.mode needs)."""
+    return _run_stage_flow("train", config, overrides, base_overrides,
+                           {"samples": samples, "descriptions": descriptions, "regions": regions}, launcher=launcher)
 
 
 @flow(name="grain-evaluate")
-def evaluate_flow(config: str | None = None, overrides: list[str] | None = None, model: str | None = None) -> dict[str, Any]:
-    cfg = _config(config, overrides)
-    if model is None:
-        samples = P.samples_dir(cfg)
-        descriptions = P.descriptions_dir(cfg, samples)
-        model = str(P.train_dir(cfg, samples, descriptions, P.regions_dir(cfg, samples, descriptions)) / "model")
-    return _submit("evaluate", evaluate_task, cfg, {"config": config, "overrides": overrides or [], "model": model})
+def evaluate_flow(config: str | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None,
+                  model: str | None = None) -> dict[str, Any]:
+    """Zero-shot classification and retrieval of a model (default: this config's trained model)."""
+    return _run_stage_flow("evaluate", config, overrides, base_overrides, {"model": model})
+
+
+FLOWS: dict[str, Callable[..., dict[str, Any]]] = {"ingest": ingest_flow, "describe": describe_flow,
+                                                  "ground": ground_flow, "train": train_flow,
+                                                  "evaluate": evaluate_flow}
 
 
 @flow(name="grain")
-def full_pipeline(config: str | None = None, overrides: list[str] | None = None, launcher: str = "local") -> dict[str, Any]:
-    """ingest → describe → ground → train → evaluate → report, each stage a subflow; returns the report's path."""
-    cfg = _config(config, overrides)
-    overrides = overrides or []
+def full_pipeline(config: str | None = None, overrides: list[str] | None = None, base_overrides: list[str] | None = None,
+                  launcher: str = "local") -> dict[str, Any]:
+    """ingest → describe → ground → train → evaluate → report (the stages this config needs), each a subflow."""
+    cfg = _config(config, base_overrides, overrides)
+    common = {"config": config, "overrides": overrides, "base_overrides": base_overrides}
     t0 = time.perf_counter()
-    s = ingest_flow(config, overrides)
-    d = describe_flow(config, overrides, s["out"])
-    g = ground_flow(config, overrides, s["out"], d["out"])
-    t = train_flow(config, overrides, s["out"], d["out"], g["out"], launcher)
-    e = evaluate_flow(config, overrides, t["model"])
-    report = write_report(cfg, {"ingest": s, "describe": d, "ground": g, "train": t, "evaluate": e},
-                          time.perf_counter() - t0)
-    return {"report": str(report), "eval": e["out"], "model": t["model"]}
+    outs: dict[str, str] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name in stages.pipeline_stages(cfg):
+        extra = {k: outs[k] for k in stages.get(name).needs(cfg) if k in outs}
+        if name == "train":
+            extra["launcher"] = launcher
+        summary = _subflow(FLOWS[name], **common, **extra)
+        summaries[name] = summary
+        for key, producer in stages.PRODUCER.items():
+            if producer == name:
+                outs[key] = summary["model"] if key == "model" else summary["out"]
+    report = write_report(cfg, summaries, time.perf_counter() - t0)
+    return {"report": str(report), "eval": summaries["evaluate"]["out"], "model": outs.get("model", cfg.evaluate.model)}
 
 
-def write_report(cfg: PipelineConfig, stages: dict[str, dict[str, Any]], seconds: float) -> Path:
-    """<workdir>/reports/<eval fp>.md + a Markdown artifact: config summary, per-stage counts/timings, eval table."""
-    from grain.evaluate.run import TABLE_FILE
-
-    eval_dir = Path(stages["evaluate"]["out"])
+def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seconds: float) -> Path:
+    """The run's Markdown report (grain.stages.report_path) + a Markdown artifact: config summary, per-stage
+    folders/counts/timings, the eval table, the loss curve and contact sheet paths."""
+    eval_dir = Path(summaries["evaluate"]["out"])
+    skipped = [s for s in stages.STAGES if s not in summaries]
     lines = ["# grain pipeline report", "",
-             f"workdir `{cfg.workdir}`; ingest `{cfg.ingest.source}`; describe `{cfg.describe.engine}`; "
+             f"workdir `{stages.workdir_path(cfg)}`; ingest `{cfg.ingest.source}`; describe `{cfg.describe.engine}`; "
              f"ground `{cfg.ground.engine}`; train `{cfg.train.mode}` / `{cfg.train.arch}` × {cfg.train.steps} steps; "
              f"total {seconds:.1f} s", "", "| stage | output | wall s | counts |", "|---|---|---|---|"]
-    for name, st in stages.items():
+    for name, st in summaries.items():
         counts = {k: st[k] for k in ("steps", "bad_steps", "encoded", "cached") if k in st}
         totals = st.get("totals") or {}
         counts.update({k: totals[k] for k in ("rows_in", "rows_out") if k in totals})
-        lines.append(f"| {name} | `{st['out']}` | {st.get('wall_seconds', '')} | {json.dumps(counts)} |")
-    lines += ["", (eval_dir / TABLE_FILE).read_text() if (eval_dir / TABLE_FILE).exists() else "(no eval table)", ""]
-    curve = Path(stages["train"]["out"]) / "loss_curve.png"
-    lines.append(f"Loss curve: `{curve}`" + ("" if curve.exists() else " (missing)"))
-    sheet = stages["ground"].get("contact_sheet")
+        lines.append(f"| {name} | `{st['out']}` | {st.get('wall_seconds', 'cached')} | {json.dumps(counts)} |")
+    if skipped:
+        lines += ["", f"Not run (not needed by this config): {', '.join(skipped)}."]
+    table = eval_dir / stages.EVAL_TABLE_FILE
+    lines += ["", table.read_text() if table.exists() else "(no eval table)", ""]
+    if "train" in summaries:
+        curve = Path(summaries["train"]["out"]) / "loss_curve.png"
+        lines.append(f"Loss curve: `{curve}`" + ("" if curve.exists() else " (missing)"))
+    sheet = summaries.get("ground", {}).get("contact_sheet")
     if sheet:
         lines.append(f"Contact sheet (boxes of the ground stage): `{sheet}`")
     text = "\n".join(lines) + "\n"
-    out = Path(cfg.workdir) / "reports" / f"{eval_dir.name}.md"
+    out = stages.report_path(cfg, eval_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     create_markdown_artifact(markdown=text, key="grain-report", description="grain pipeline report")
     return out
 
 
-ALL_FLOWS = {"full-pipeline": full_pipeline, "ingest": ingest_flow, "describe": describe_flow, "ground": ground_flow,
-             "train": train_flow, "evaluate": evaluate_flow}
+ALL_FLOWS = {"full-pipeline": full_pipeline, **FLOWS}

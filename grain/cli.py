@@ -1,5 +1,6 @@
-"""The ``grain`` command line. Each subcommand loads one config, calls one stage function, and prints where the
-output went; nothing here holds logic a notebook or a Prefect task could not call directly."""
+"""The ``grain`` command line. Each stage subcommand loads one config, plans the stage through the registry
+(grain.stages: which folders it reads and where it writes), runs it, and prints where the output went; nothing here
+holds logic a notebook or a Prefect task could not call directly."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _load(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
+    raise AssertionError("unreachable")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -48,6 +49,28 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _fail(exc: BaseException) -> None:
+    """One line naming what is wrong (a file, key or folder) and exit 2; no traceback for user errors."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2) from None
+
+
+USER_ERRORS = (FileNotFoundError, ValueError, LookupError)
+
+
+def _run_stage(cfg: PipelineConfig, stage: str, given: dict[str, Path | None], out: Path | None,
+               **opts: object) -> dict:
+    """Plan ``stage`` through the registry (grain.stages), run it into ``out`` or its planned folder."""
+    from grain import stages
+
+    try:
+        step = stages.plan(cfg, stage, given)
+        return step.stage.run(cfg, step.inputs, (out or step.out).absolute(), **opts)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    raise AssertionError("unreachable")
 
 
 @app.command()
@@ -68,20 +91,8 @@ def ingest(
     Bad rows go to quarantine/ with a reason; finished shards are skipped on rerun, so a killed run resumes and a warm rerun does no work.
     """
     _setup_logging(verbose)
-    from grain.data.ingest import ingest as run_ingest
-    from grain.data.ingest import ingest_fingerprint
-    from grain.data.readers import InputError
-    from grain.shards import stage_dir
-
     cfg = _load(config, set_)
-    try:
-        fp = ingest_fingerprint(cfg.ingest)
-        target = out or stage_dir(cfg.workdir, "samples", fp)
-        result = run_ingest(cfg.ingest, target, rank=rank, world_size=world_size, workers=workers, progress=progress)
-    except InputError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    _report(result)
+    _report(_run_stage(cfg, "ingest", {}, out, rank=rank, world_size=world_size, workers=workers, progress=progress))
 
 
 @app.command()
@@ -102,23 +113,11 @@ def describe(
     Failed requests keep an error in their row and are retried on the next run; finished shards are skipped.
     """
     _setup_logging(verbose)
-    from grain.annotate.describe import describe as run_describe
-
     cfg = _load(config, set_)
-    samples_dir = samples or _samples_dir(cfg)
-    try:
-        target = out or _descriptions_dir(cfg, samples_dir)
-        result = run_describe(cfg.describe, samples_dir, target, ray_cfg=cfg.ray, rank=rank, world_size=world_size, progress=progress)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    _report(result)
-    if result.complete:
-        from grain.shards import iter_markers
-
-        errors = sum(m.get("errors", 0) for m in iter_markers(result.out_dir))
-        if errors:
-            typer.echo(f"  {errors} row(s) have an error (kept, with the reason in 'error'); rerun to retry them")
+    summary = _run_stage(cfg, "describe", {"samples": samples}, out, rank=rank, world_size=world_size, progress=progress)
+    _report(summary)
+    if summary.get("rows_with_errors"):
+        typer.echo(f"  {summary['rows_with_errors']} row(s) have an error (kept, with the reason in 'error'); rerun to retry them")
 
 
 @app.command()
@@ -137,31 +136,19 @@ def ground(
 
     Engines (ground.engine): reference (ground-truth boxes of the synthetic world, score 1) or owlv2 (OWLv2 with each image's descriptions as text queries; ground.model, ground.threshold, ground.top_k_per_description, ground.top_k_per_image, ground.nms_iou, ground.device).
 
-    Boxes are stored as x0, y0, x1, y1 normalised to the original image. Per-shard QA stats land in the markers; see them with `grain stats` and look at boxes with `grain inspect`.
+    Boxes are stored as x0, y0, x1, y1 normalised to the original image. Per-shard QA stats land in the markers; see them with `grain stats`; a contact sheet of boxes goes to <workdir>/inspect/ (more with `grain inspect`).
     """
     _setup_logging(verbose)
-    from grain.annotate.ground import ground as run_ground
-    from grain.annotate.ground import ground_fingerprint
-    from grain.shards import stage_dir
-
     cfg = _load(config, set_)
-    samples_dir = samples or _samples_dir(cfg)
-    try:
-        descriptions_dir = descriptions or _descriptions_dir(cfg, samples_dir)
-        target = out or stage_dir(cfg.workdir, "regions", ground_fingerprint(cfg.ground, samples_dir, descriptions_dir))
-        result = run_ground(cfg.ground, samples_dir, descriptions_dir, target, ray_cfg=cfg.ray, rank=rank, world_size=world_size, progress=progress)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    _report(result)
-    if result.complete:
-        from grain.shards import iter_markers
-
-        markers = list(iter_markers(result.out_dir))
-        described = sum(m["descriptions"] for m in markers)
-        grounded = sum(m["descriptions_grounded"] for m in markers)
-        boxes = sum(m["boxes"] for m in markers)
-        typer.echo(f"  {boxes} boxes; {grounded}/{described} descriptions grounded" + (f" ({grounded / described:.0%})" if described else ""))
+    summary = _run_stage(cfg, "ground", {"samples": samples, "descriptions": descriptions}, out, rank=rank,
+                         world_size=world_size, progress=progress)
+    _report(summary)
+    if "boxes" in summary:
+        described, grounded = summary["descriptions"], summary["descriptions_grounded"]
+        typer.echo(f"  {summary['boxes']} boxes; {grounded}/{described} descriptions grounded"
+                   + (f" ({grounded / described:.0%})" if described else ""))
+    if summary.get("contact_sheet"):
+        typer.echo(f"  contact sheet: {summary['contact_sheet']}")
 
 
 @app.command()
@@ -179,50 +166,37 @@ def train(
 ) -> None:
     """Train the GRAIN model (train.mode=grain) or a baseline (clip, clip_desc, no_rd, no_box).
 
-    Reads samples/ + descriptions/ + regions/ of this config, writes <run>/checkpoints/step_NNNNNN/ (keep-last-k),
-    <run>/model/ (the exported model for `grain evaluate`), TensorBoard logs in <run>/tb/ and metrics.jsonl.
-    A killed run continues exactly where its last checkpoint left off (--resume latest).
+    Reads the folders the mode needs (grain.config.TRAIN_MODES: clip reads samples/ only, plus descriptions/ when
+    train.rewrite_prob > 0; the other modes read samples/ + descriptions/ + regions/), writes
+    <run>/checkpoints/step_NNNNNN/ (keep-last-k), <run>/model/ (the exported model for `grain evaluate`), TensorBoard
+    logs in <run>/tb/, metrics.jsonl and loss_curve.png. A killed run continues exactly where its last checkpoint
+    left off (--resume latest).
 
     Multi-GPU on one or many machines: `torchrun --nproc_per_node 8 -m grain.train --set ...` (DDP), or
     `grain train --launcher ray` on a Ray cluster (ray.address). See docs/train.md.
     """
     _setup_logging(verbose)
-    from grain import pipeline
     from grain.train.loop import TrainingDiverged
-    from grain.train.loop import train as run_train
 
     cfg = _load(config, set_)
     if launcher not in ("local", "ray"):
-        typer.echo(f"error: --launcher must be local or ray, got {launcher!r}", err=True)
-        raise typer.Exit(2)
+        _fail(ValueError(f"--launcher must be local or ray, got {launcher!r}"))
     resume_arg = None if resume.lower() == "none" else resume
     try:
-        samples_dir, descriptions_dir, regions_dir = _train_inputs(cfg, samples, descriptions, regions)
-        target = out or pipeline.train_dir(cfg, samples_dir, descriptions_dir, regions_dir)
-        if launcher == "ray":
-            from grain.train.launch import train_with_ray
-
-            summary = train_with_ray(cfg.train, cfg.ray, samples_dir, descriptions_dir, regions_dir, target, resume_arg)
-            steps, seconds, model_dir = summary["steps"], summary["seconds"], summary["model"]
-        else:
-            result = run_train(cfg.train, samples_dir, descriptions_dir, regions_dir, target, resume=resume_arg, progress=progress)
-            steps, seconds, model_dir = result.steps, result.seconds, result.model_dir
-    except (FileNotFoundError, ValueError, TrainingDiverged) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    from grain.train import dist
-
-    if dist.get_rank() == 0:
-        typer.echo(f"train {cfg.train.mode}: {steps} steps in {seconds:.1f} s -> {target}")
-        if model_dir:
-            typer.echo(f"  model: {model_dir}")
+        summary = _run_stage(cfg, "train", {"samples": samples, "descriptions": descriptions, "regions": regions}, out,
+                             resume=resume_arg, launcher=launcher, progress=progress)
+    except TrainingDiverged as exc:
+        _fail(exc)
+    if "steps" in summary:  # rank 0 (other torchrun ranks print nothing)
+        typer.echo(f"train {cfg.train.mode}: {summary['steps']} steps in {summary['seconds']:.1f} s -> {summary['out']}")
+        typer.echo(f"  model: {summary['model']}")
 
 
 @app.command()
 def evaluate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[Path], typer.Option(help="Exported model folder (<run>/model or a checkpoint); default: the train stage's model for this config.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Exported model folder (<run>/model or a checkpoint); default: evaluate.model, else the train stage's model for this config.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results folder; default <workdir>/eval/<fingerprint>.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars while encoding images.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -234,27 +208,36 @@ def evaluate(
     cached per (model, dataset) under <workdir>/eval/cache, so rerunning with other modes re-encodes nothing.
     """
     _setup_logging(verbose)
-    from grain.evaluate.run import eval_fingerprint
-    from grain.evaluate.run import evaluate as run_evaluate
-    from grain.evaluate.zeroshot import model_hash
-    from grain.shards import stage_dir
+    cfg = _load(config, set_)
+    summary = _run_stage(cfg, "evaluate", {"model": model}, out, progress=progress)
+    typer.echo(Path(summary["table"]).read_text())
+    typer.echo(f"evaluate: {len(summary['rows'])} rows in {summary['seconds']:.1f} s ({summary['encoded']} dataset(s) "
+               f"encoded, {summary['cached']} from cache) -> {summary['out']}")
+
+
+@app.command()
+def plan(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Show the pipeline this config runs: each stage's output folder, whether it is finished, and what it reads.
+
+    Nothing runs and nothing heavy is imported: folder names follow from the config (see grain.stages)."""
+    from grain import stages
 
     cfg = _load(config, set_)
-    try:
-        model_dir = model or (Path(cfg.evaluate.model) if cfg.evaluate.model else _train_dir(cfg) / "model")
-        if not (model_dir / "grain_model.json").exists():
-            raise FileNotFoundError(f"{model_dir} is not a model folder; run `grain train` first or pass --model")
-        target = out or stage_dir(cfg.workdir, "eval", eval_fingerprint(cfg.evaluate, model_hash(model_dir)))
-        result = run_evaluate(cfg.evaluate, model_dir, target, workdir=cfg.workdir, synthetic=cfg.ingest.synthetic,
-                              progress=progress)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    from grain.evaluate.run import TABLE_FILE
-
-    typer.echo((target / TABLE_FILE).read_text())
-    typer.echo(f"evaluate: {len(result.rows)} rows in {result.seconds:.1f} s ({result.encoded} dataset(s) encoded, "
-               f"{result.cached} from cache) -> {target}")
+    for name in stages.pipeline_stages(cfg):
+        try:
+            step = stages.plan(cfg, name)
+        except FileNotFoundError as exc:
+            typer.echo(f"{name:9s} (not yet known: {exc})")
+            continue
+        state = "finished" if step.finished else ("started" if step.out.exists() else "to run")
+        reads = ", ".join(f"{k}={v}" for k, v in step.inputs.items()) or "(input files)"
+        typer.echo(f"{name:9s} {state:8s} {step.out}\n          reads {reads}")
+    skipped = [s for s in stages.STAGES if s not in stages.pipeline_stages(cfg)]
+    if skipped:
+        typer.echo(f"not needed by this config: {', '.join(skipped)} (train.mode={cfg.train.mode})")
 
 
 @app.command("describe-classes")
@@ -274,8 +257,7 @@ def describe_classes(
         names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
         result = run(cfg.describe, names, progress=progress, ray_cfg=cfg.ray)
     except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
     out.write_text(result.to_json() + "\n")
     typer.echo(f"wrote {out}: {len(names)} classes, {sum(len(v) for v in result.descriptors.values())} descriptors"
                + (f"; {len(result.errors)} failed: {', '.join(list(result.errors)[:5])}" if result.errors else ""))
@@ -290,12 +272,18 @@ def run_pipeline(
     launcher: Annotated[str, typer.Option(help="Training launcher: local or ray.")] = "local",
 ) -> None:
     """Run the full pipeline (ingest → describe → ground → train → evaluate → report) as the Prefect flow `grain`,
-    in this process. Without PREFECT_API_URL, Prefect starts a temporary local server; with it, the run shows in
-    that server's UI. Finished stages are Cached; an interrupted stage resumes where it stopped."""
+    in this process. Without PREFECT_API_URL, Prefect's temporary local server is started for the run (and stopped);
+    with it, the run shows in that server's UI. Finished stages are Cached; an interrupted stage resumes where it
+    stopped. Stages the config does not need (e.g. describe/ground for train.mode=clip without rewrites) are skipped."""
+    _load(config, set_)  # config errors before anything starts
+    from grain.flows.server import start_temporary_server_unless_configured
+
+    server = start_temporary_server_unless_configured()  # starts now, while the flow code below is imported
     from grain.flows.pipeline import full_pipeline
 
-    _load(config, set_)  # config errors before Prefect starts
-    result = full_pipeline(str(config) if config else None, list(set_ or []), launcher)
+    if server is not None:
+        server.wait_healthy()
+    result = full_pipeline(str(config.absolute()) if config else None, list(set_ or []), launcher=launcher)
     typer.echo(Path(result["report"]).read_text())
     typer.echo(f"report: {result['report']}")
 
@@ -308,11 +296,16 @@ def serve(
 ) -> None:
     """Register and serve the deployments grain/full-pipeline and one per stage (grain-ingest/ingest, …) against
     the Prefect server in PREFECT_API_URL; then `prefect deployment run grain/full-pipeline --watch` runs it.
-    --config/--set become the deployments' default parameters."""
+
+    --config and --set become the deployments' defaults (the parameters config and base_overrides); a run adds its
+    own overrides on top: `prefect deployment run grain/full-pipeline --param 'overrides=["train.steps=40"]'`.
+    A relative workdir is made absolute here, so runs write where this command was started."""
+    from grain import stages
     from grain.flows.serve import serve_all
 
-    _load(config, set_)
-    serve_all(str(config.resolve()) if config else None, list(set_ or []), limit=limit)
+    cfg = _load(config, set_)
+    base = list(set_ or []) + [f"workdir={stages.workdir_path(cfg)}"]
+    serve_all(str(config.absolute()) if config else None, base, limit=limit)
 
 
 @app.command()
@@ -330,70 +323,32 @@ def inspect(
     min_score: Annotated[float, typer.Option(help="Hide boxes scoring below this.")] = 0.0,
 ) -> None:
     """Render a contact sheet PNG: sample images with their boxes and description labels, for checking annotations."""
+    from grain import stages
     from grain.annotate.inspect_sheet import render_contact_sheet
 
     cfg = _load(config, set_)
-    samples_dir = samples or _samples_dir(cfg)
     try:
-        regions_dir = None
-        if not ground_truth:
-            regions_dir = regions or _regions_dir(cfg, samples_dir)
-        name = regions_dir.name if regions_dir is not None else f"ground-truth-{samples_dir.name}"
-        target = out or Path(cfg.workdir) / "inspect" / f"{name}.png"
+        step = stages.plan(cfg, "ground", {"samples": samples, "regions": regions})
+        samples_dir = step.inputs["samples"]
+        regions_dir = None if ground_truth else (regions or step.out)
+        target = out or stages.inspect_sheet_path(cfg, regions_dir, samples_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         path = render_contact_sheet(samples_dir, regions_dir, target, n=n, columns=columns, cell=cell, seed=seed, min_score=min_score)
-    except (FileNotFoundError, ValueError, LookupError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except USER_ERRORS as exc:
+        _fail(exc)
     typer.echo(f"wrote {path}")
 
 
-def _train_inputs(cfg: PipelineConfig, samples: Path | None = None, descriptions: Path | None = None,
-                  regions: Path | None = None) -> tuple[Path, Path | None, Path | None]:
-    """The folders training reads: the given ones, else this config's stage folders (only those the mode needs)."""
-    from grain import pipeline
-
-    needs_desc, needs_regions = pipeline.train_needs(cfg)
-    samples_dir = samples or _samples_dir(cfg)
-    descriptions_dir = (descriptions or _descriptions_dir(cfg, samples_dir)) if needs_desc else None
-    regions_dir = (regions or _regions_dir(cfg, samples_dir)) if needs_regions else None
-    return samples_dir, descriptions_dir, regions_dir
-
-
-def _train_dir(cfg: PipelineConfig) -> Path:
-    from grain import pipeline
-
-    return pipeline.train_dir(cfg, *_train_inputs(cfg))
-
-
-def _regions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
-    from grain import pipeline
-
-    return pipeline.regions_dir(cfg, samples_dir, _descriptions_dir(cfg, samples_dir))
-
-
-def _descriptions_dir(cfg: PipelineConfig, samples_dir: Path) -> Path:
-    from grain import pipeline
-
-    return pipeline.descriptions_dir(cfg, samples_dir)
-
-
-def _samples_dir(cfg: PipelineConfig) -> Path:
-    from grain import pipeline
-
-    return pipeline.samples_dir(cfg)
-
-
-def _report(result) -> None:  # noqa: ANN001 - a grain.shards.StageResult
-    work = f"ran {len(result.shards_run)} shard(s), skipped {len(result.shards_skipped)} finished"
-    typer.echo(f"{result.stage}: {work} in {result.seconds:.2f}s")
-    if result.complete:
-        t = result.totals
+def _report(summary: dict) -> None:
+    work = f"ran {len(summary['shards_run'])} shard(s), skipped {len(summary['shards_skipped'])} finished"
+    typer.echo(f"{summary['stage']}: {work} in {summary['seconds']:.2f}s")
+    if summary["complete"]:
+        t = summary["totals"]
         q = sum(t["quarantined"].values())
         typer.echo(f"  rows in {t['rows_in']}, out {t['rows_out']}, quarantined {q} {t['quarantined'] or ''}".rstrip())
     else:
         typer.echo("  stage incomplete: other ranks still have shards to run")
-    typer.echo(f"  output: {result.out_dir}")
+    typer.echo(f"  output: {summary['out']}")
 
 
 @app.command("config")

@@ -164,8 +164,11 @@ class OpenAIEngineConfig(_Frozen):
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (may be unset).")
     concurrency: int = Field(8, ge=1, description="Requests in flight per actor.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(3, ge=0, description="Retries on connection errors, timeouts, 429 and 5xx, with backoff.")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry.")
+    max_retries: int = Field(
+        3, ge=0,
+        description="Retries per request by the openai client: connection errors, timeouts, 408/409/429 and 5xx "
+        "(never other 4xx), after Retry-After or a jittered backoff from 0.5 s doubling up to 8 s.",
+    )
 
 
 class TransformersEngineConfig(_Frozen):

@@ -535,8 +535,3 @@ def result_summary(result: StageResult) -> dict[str, Any]:
     out = asdict(result)
     out["out_dir"] = str(result.out_dir)
     return out
-
-
-def stage_dir(workdir: str | Path, folder: str, fingerprint: str) -> Path:
-    """Where a stage writes: ``<workdir>/<folder>/<fingerprint>``, e.g. ``runs/default/samples/3f2a…``."""
-    return Path(workdir) / folder / fingerprint

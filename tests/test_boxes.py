@@ -192,6 +192,22 @@ def test_types_and_shapes():
     np.testing.assert_array_equal(src, [[0.8, 0.9, 0.2, 0.1]])  # inputs are not modified
 
 
+def test_format_converters_are_torchvision_box_convert():
+    """The two converters wrap ``torchvision.ops.box_convert`` (the one implementation the trainer's losses and
+    matcher use too): same numbers, numpy views of any stride, tensors keep device and autograd."""
+    from torchvision.ops import box_convert
+
+    boxes = random_unit_boxes(np.random.default_rng(3), 20)
+    np.testing.assert_array_equal(xyxy_to_cxcywh(boxes), box_convert(torch.from_numpy(boxes), "xyxy", "cxcywh").numpy())
+    c = xyxy_to_cxcywh(boxes)
+    np.testing.assert_array_equal(cxcywh_to_xyxy(c), box_convert(torch.from_numpy(c), "cxcywh", "xyxy").numpy())
+    np.testing.assert_array_equal(cxcywh_to_xyxy(c[::-1]), cxcywh_to_xyxy(c)[::-1])  # negative strides are fine
+    assert cxcywh_to_xyxy(np.float32(c)).dtype == np.float64  # numpy in -> float64 out, as documented
+    t = torch.tensor(c, dtype=torch.float32, requires_grad=True)
+    cxcywh_to_xyxy(t).sum().backward()
+    assert t.grad is not None and t.grad.shape == t.shape
+
+
 def test_errors():
     with pytest.raises(ValueError):
         cxcywh_to_xyxy([[1, 2, 3]])

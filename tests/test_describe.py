@@ -20,7 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from grain.annotate.describe import DescribeTimeout, describe, describe_fingerprint
+from grain.annotate.describe import DescribeTimeout, describe
+from grain.stages import DESCRIBE
 from grain.annotate.engines import OpenAIChatEngine, TransformersChatEngine, build_vllm_processor
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
 from grain.config import DescribeConfig, IngestConfig, RayConfig, SyntheticConfig
@@ -83,11 +84,11 @@ def test_rewrite_prompt_must_have_a_caption_slot():
 
 def test_fingerprint_sees_what_is_written_not_how_it_is_run(samples):
     base = DescribeConfig(engine="openai", model="m")
-    fp = describe_fingerprint(base, samples)
-    assert describe_fingerprint(base.model_copy(update={"openai": base.openai.model_copy(update={"base_url": "http://x/v1"})}), samples) == fp
-    assert describe_fingerprint(base.model_copy(update={"watchdog_s": 5}), samples) == fp
-    assert describe_fingerprint(base.model_copy(update={"prompt": "other"}), samples) != fp
-    assert describe_fingerprint(base.model_copy(update={"model": "m2"}), samples) != fp
+    fp = DESCRIBE.fingerprint_of(base, {"samples": samples})
+    assert DESCRIBE.fingerprint_of(base.model_copy(update={"openai": base.openai.model_copy(update={"base_url": "http://x/v1"})}), {"samples": samples}) == fp
+    assert DESCRIBE.fingerprint_of(base.model_copy(update={"watchdog_s": 5}), {"samples": samples}) == fp
+    assert DESCRIBE.fingerprint_of(base.model_copy(update={"prompt": "other"}), {"samples": samples}) != fp
+    assert DESCRIBE.fingerprint_of(base.model_copy(update={"model": "m2"}), {"samples": samples}) != fp
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -131,7 +132,7 @@ def test_reference_rows_without_regions_keep_an_error_and_are_not_retried_foreve
 def openai_cfg(server, **kw) -> DescribeConfig:
     return DescribeConfig(
         engine="openai", model=server.served_model_name, max_tokens=16,
-        openai={"base_url": server.base_url, "concurrency": 4, "timeout_s": 60, "max_retries": 1, "backoff_s": 0.2}, **kw,
+        openai={"base_url": server.base_url, "concurrency": 4, "timeout_s": 60, "max_retries": 1}, **kw,
     )
 
 
@@ -178,7 +179,7 @@ def test_unreachable_server_keeps_rows_with_errors_then_a_rerun_retries_only_the
     assert result.complete  # every row is accounted for, with its error
 
     good = openai_cfg(vllm_server)  # same fingerprint (the URL is not part of what is written)
-    assert describe_fingerprint(good, samples) == describe_fingerprint(bad, samples)
+    assert DESCRIBE.fingerprint_of(good, {"samples": samples}) == DESCRIBE.fingerprint_of(bad, {"samples": samples})
     again = describe(good, samples, tmp_path / "d", ray_cfg=RAY)
     assert again.shards_run == [0, 1, 2, 3]
     assert all(r["error"] is None for r in read_table(tmp_path / "d").to_pylist())

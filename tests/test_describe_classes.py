@@ -32,7 +32,7 @@ MAX = 3
 def openai_cfg(server, **kw) -> DescribeConfig:
     return DescribeConfig(
         engine="openai", model=server.served_model_name, max_tokens=24, max_descriptions=MAX,
-        openai={"base_url": server.base_url, "concurrency": 4, "timeout_s": 60, "max_retries": 1, "backoff_s": 0.2}, **kw,
+        openai={"base_url": server.base_url, "concurrency": 4, "timeout_s": 60, "max_retries": 1}, **kw,
     )
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -280,6 +281,57 @@ def test_labelled_list_errors_name_the_row(tmp_path, image_dir):
         load_labelled_list(bad, image_root=image_dir, classnames=["a", "b"])
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_labelled_list_with_a_byte_order_mark_reads_the_same(tmp_path, image_dir, fmt):
+    rows = [("im0.png", "dog"), ("im1.png", "cat"), ("im2.png", "dog"), ("im3.png", "bird")]
+    if fmt == "jsonl":
+        text = "".join(json.dumps({"image": i, "label": lab}) + "\n" for i, lab in rows)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        text = f"image{sep}label\n" + "".join(f"{i}{sep}{lab}\n" for i, lab in rows)
+    plain = tmp_path / "plain" / f"list.{fmt}"
+    bom = tmp_path / "bom" / f"list.{fmt}"
+    for path, prefix in ((plain, b""), (bom, b"\xef\xbb\xbf")):
+        path.parent.mkdir()
+        path.write_bytes(prefix + text.encode())
+    a = load_labelled_list(plain, image_root=image_dir)
+    b = load_labelled_list(bom, image_root=image_dir)
+    assert a.keys == b.keys == [i for i, _ in rows]
+    assert a.classnames == b.classnames == ["bird", "cat", "dog"]
+    assert a.labels.tolist() == b.labels.tolist() == [2, 1, 2, 0]
+    assert a.templates == b.templates and a.name == b.name
+    assert [a.load(i) for i in range(len(a))] == [b.load(i) for i in range(len(b))]
+
+
+def test_fingerprints_do_not_depend_on_where_the_data_lives(tmp_path, image_dir):
+    """The same files copied elsewhere (timestamps kept, as copytree does) give the same fingerprint, so the eval
+    embedding cache hits in another workdir; a file whose size changed gives another."""
+    make_clip_benchmark(tmp_path / "a" / "wds")
+    for i, cls in enumerate(["cat", "dog", "cat"]):
+        (tmp_path / "a" / "folder" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / "folder" / cls / f"{i}.png").write_bytes(solid(COLOURS[i]))
+    shutil.copytree(image_dir, tmp_path / "a" / "imgs")
+    (tmp_path / "a" / "list.csv").write_text("image,label\nimgs/im0.png,dog\nimgs/im1.png,cat\n")
+    (tmp_path / "a" / "names.txt").write_text("cat\ndog\n")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+
+    def fingerprints(root: Path) -> list[str]:
+        return [
+            load_clip_benchmark(root / "wds").fingerprint,
+            load_image_folder(root / "folder").fingerprint,
+            load_labelled_list(root / "list.csv", classnames=root / "names.txt").fingerprint,
+        ]
+
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    assert fingerprints(a) == fingerprints(b)
+    assert load_clip_benchmark(b / "wds").name == "wds/test"
+    (b / "wds" / "test" / "2.tar").write_bytes((b / "wds" / "test" / "2.tar").read_bytes() + b"\0" * 512)
+    (b / "folder" / "dog" / "1.png").write_bytes(solid(COLOURS[1], size=20))
+    (b / "imgs" / "im1.png").write_bytes(solid(COLOURS[1], size=20))
+    changed = fingerprints(b)
+    assert all(x != y for x, y in zip(fingerprints(a), changed))
+
+
 # ----------------------------------------------------------------------------------------------- Karpathy
 
 
@@ -360,6 +412,22 @@ def test_synthetic_classification_matches_the_world(synthetic_single):
     retrieval = load_samples_retrieval(synthetic_single)
     assert retrieval.keys == ds.keys and all(len(c) == 1 and c[0].startswith("a photo of a creature") for c in retrieval.captions)
     assert retrieval.load(3) == ds.load(3)
+
+
+def test_samples_fingerprints_follow_the_stage_not_the_folder(tmp_path, synthetic_single):
+    """A synthetic eval split regenerated in another workdir has the same stage fingerprint and therefore the same
+    dataset fingerprints; the part files are not signed."""
+    again = tmp_path / "other-workdir" / "single"
+    ingest(IngestConfig(synthetic=SyntheticConfig(split="single", num_images=20, image_size=64), num_shards=2), again)
+    assert synthetic_classification(again).fingerprint == synthetic_classification(synthetic_single).fingerprint
+    assert load_samples_retrieval(again).fingerprint == load_samples_retrieval(synthetic_single).fingerprint
+    header = json.loads((again / "_stage.json").read_text())
+    (again / "_stage.json").write_text(json.dumps({**header, "fingerprint": "another"}))
+    assert synthetic_classification(again).fingerprint != synthetic_classification(synthetic_single).fingerprint
+    del header["fingerprint"]
+    (again / "_stage.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=r"_stage\.json has no stage fingerprint"):
+        load_samples_retrieval(again)
 
 
 def test_load_samples_with_null_label_and_swap_pairs(tmp_path, synthetic_single):

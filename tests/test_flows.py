@@ -1,6 +1,8 @@
-"""Prefect orchestration against a real Prefect server on 127.0.0.1 (temp PREFECT_HOME): `grain serve` +
-`prefect deployment run grain/full-pipeline --watch`, cached reruns, a changed train config, and a run killed by
-SIGKILL during training that resumes."""
+"""Prefect orchestration against a real Prefect server on 127.0.0.1 (temp PREFECT_HOME): `grain serve --set …` +
+`prefect deployment run grain/full-pipeline --watch` (served and run-time overrides compose), cached reruns, a changed
+train config, a clip-mode `grain-train` deployment on a workdir where describe/ground never ran, prefect.yaml
+deployed into a process work pool and run by a real `prefect worker`, and a run killed by SIGKILL during training
+that resumes."""
 
 from __future__ import annotations
 
@@ -92,10 +94,13 @@ def _task_states(api: str, since: float) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def served(server):
+    """`grain serve` with a config whose workdir is NOT the one served: `--set workdir=…` must win for every run."""
     cfg = server["root"] / "tiny.yaml"
-    cfg.write_text(TINY.format(work=server["root"] / "work", steps=10, every=10))
-    proc = subprocess.Popen([str(BIN / "grain"), "serve", "--config", str(cfg)], env=server["env"],
-                            stdout=open(server["root"] / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    cfg.write_text(TINY.format(work=server["root"] / "config-workdir-unused", steps=10, every=10))
+    work = server["root"] / "work"
+    proc = subprocess.Popen([str(BIN / "grain"), "serve", "--config", str(cfg), "--set", f"workdir={work}"],
+                            env=server["env"], stdout=open(server["root"] / "serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=server["root"])
     try:
         deadline = time.time() + 120
         while True:  # the deployment exists once serve registered it
@@ -105,14 +110,14 @@ def served(server):
             assert proc.poll() is None, (server["root"] / "serve.log").read_text()[-3000:]
             assert time.time() < deadline
             time.sleep(0.5)
-        yield {**server, "config": cfg}
+        yield {**server, "config": cfg, "work": work}
     finally:
         _stop(proc)
 
 
-def _deployment_run(served, *params: str) -> tuple[subprocess.CompletedProcess, float]:
+def _deployment_run(served, *params: str, deployment: str = "grain/full-pipeline") -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.time()
-    cmd = [str(BIN / "prefect"), "deployment", "run", "grain/full-pipeline", "--watch"]
+    cmd = [str(BIN / "prefect"), "deployment", "run", deployment, "--watch"]
     for p in params:
         cmd += ["--param", p]
     proc = subprocess.run(cmd, env=served["env"], capture_output=True, text=True, timeout=600)
@@ -120,7 +125,7 @@ def _deployment_run(served, *params: str) -> tuple[subprocess.CompletedProcess, 
 
 
 def test_deployment_run_then_cached_rerun_then_changed_train(served):
-    work = served["root"] / "work"
+    work = served["work"]
     proc, t0 = _deployment_run(served)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Completed" in proc.stdout
@@ -143,13 +148,34 @@ def test_deployment_run_then_cached_rerun_then_changed_train(served):
     assert all(s == ["Cached"] for s in again.values()) and len(again) == 5, again
     assert marker.stat().st_mtime_ns == mtime
 
-    # (c) a changed train config re-runs train and evaluate only
+    # (c) a run's own overrides add to the served ones: train.steps changes, the served workdir stays; only train
+    # and evaluate re-run
     proc, t0 = _deployment_run(served, 'overrides=["train.steps=12"]')
     assert proc.returncode == 0, proc.stdout[-3000:]
     changed = _task_states(served["api"], t0)
     assert changed["ingest"] == changed["describe"] == changed["ground"] == ["Cached"], changed
     assert changed["train"] == ["Completed"] and changed["evaluate"] == ["Completed"], changed
     assert len(list(work.glob("train/*/model"))) == 2
+    steps = sorted(json.loads(p.read_text())["steps"] for p in work.glob("train/*/summary.json"))
+    assert steps == [10, 12]
+    assert not (served["root"] / "config-workdir-unused").exists() and not (served["root"] / "runs").exists()
+    assert "Traceback" not in proc.stdout + proc.stderr
+    report = max(work.glob("reports/*.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert f"`{work}/train/" in report  # reports print absolute paths
+
+
+def test_clip_train_deployment_on_a_workdir_where_describe_and_ground_never_ran(served):
+    """The grain-train deployment of a clip run without caption rewrites ingests (its only input) and trains."""
+    work = served["root"] / "clipwork"
+    proc, t0 = _deployment_run(served, f'overrides=["workdir={work}", "train.mode=clip", "train.rewrite_prob=0"]',
+                               deployment="grain-train/train")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    states = _task_states(served["api"], t0)
+    assert states == {"ingest": ["Completed"], "train": ["Completed"]}, states
+    assert sorted(p.name for p in work.iterdir()) == ["samples", "train"]
+    run_dir = next(work.glob("train/*"))
+    assert json.loads((run_dir / "_stage.json").read_text())["upstream"].keys() == {"samples"}
+    assert (run_dir / "model" / "grain_model.json").exists()
 
 
 ARTIFACTS = Path(os.environ.get("GRAIN_CI_ARTIFACTS", Path(__file__).resolve().parents[1] / "ci-artifacts"))
@@ -215,3 +241,37 @@ def test_killed_run_resumes_where_it_stopped(server):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
     assert re.search(r"report: .*\.md", done.stdout)
     assert t1 > t0
+
+
+def test_prefect_yaml_deployments_run_on_a_process_worker(server):
+    """prefect.yaml as a user deploys it: `prefect deploy --all` into a process work pool, a real `prefect worker`
+    picks up `grain/full-pipeline` and runs it from the repository; the run's parameters reach the pipeline."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    cfg = server["root"] / "worker.yaml"
+    work = server["root"] / "workerwork"
+    cfg.write_text(TINY.format(work=work, steps=4, every=4))
+    prefect = str(BIN / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "grain-pool", "--type", "process"], env=env, check=True,
+                   capture_output=True, text=True, timeout=120)
+    done = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("grain/full-pipeline", "grain-ingest/ingest", "grain-train/train", "grain-evaluate/evaluate"):
+        r = httpx.get(f"{server['api']}/deployments/name/{name}", timeout=10)
+        assert r.status_code == 200 and r.json()["work_pool_name"] == "grain-pool", (name, r.text[:300])
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "grain-pool", "--type", "process"], env=env,
+                              cwd=server["root"], stdout=open(server["root"] / "worker.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.time()
+        run = subprocess.run([prefect, "deployment", "run", "grain/full-pipeline", "--watch",
+                              "--param", f"config={cfg}", "--param", 'overrides=["train.steps=5"]'],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + (server["root"] / "worker.log").read_text()[-3000:]
+        states = _task_states(server["api"], t0)
+        assert set(states) == {"ingest", "describe", "ground", "train", "evaluate"}, states
+        assert json.loads(next(work.glob("train/*/summary.json")).read_text())["steps"] == 5
+        assert list(work.glob("reports/*.md"))
+    finally:
+        _stop(worker)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from grain.annotate.describe import describe
-from grain.annotate.ground import ground, ground_fingerprint
+from grain.annotate.ground import ground
+from grain.stages import GROUND
 from grain.config import DescribeConfig, GroundConfig, IngestConfig, RayConfig, SyntheticConfig
 from grain.contracts import REGIONS_SCHEMA, check_table
 from grain.data.ingest import ingest
@@ -43,9 +44,9 @@ def test_reference_copies_ground_truth_boxes(annotated, tmp_path):
 def test_fingerprint_ignores_how_it_runs(annotated):
     samples, descriptions = annotated
     base = GroundConfig(engine="owlv2", model="m")
-    fp = ground_fingerprint(base, samples, descriptions)
-    assert ground_fingerprint(base.model_copy(update={"device": "cuda", "batch_size": 64}), samples, descriptions) == fp
-    assert ground_fingerprint(base.model_copy(update={"threshold": 0.2}), samples, descriptions) != fp
+    fp = GROUND.fingerprint_of(base, {"samples": samples, "descriptions": descriptions})
+    assert GROUND.fingerprint_of(base.model_copy(update={"device": "cuda", "batch_size": 64}), {"samples": samples, "descriptions": descriptions}) == fp
+    assert GROUND.fingerprint_of(base.model_copy(update={"threshold": 0.2}), {"samples": samples, "descriptions": descriptions}) != fp
 
 
 def test_descriptions_must_come_from_these_samples(annotated, tmp_path):
@@ -60,7 +61,7 @@ def test_descriptions_must_come_from_these_samples(annotated, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_owl(tmp_path_factory):
-    from grain.annotate.tiny_owl import build_tiny_owlv2
+    from support.tiny_owl import build_tiny_owlv2
 
     return build_tiny_owlv2(tmp_path_factory.mktemp("owl") / "random", seed=0)
 
@@ -69,7 +70,7 @@ def tiny_owl(tmp_path_factory):
 def pinned_owl(tmp_path_factory):
     """A tiny OWLv2 whose outputs are known: every real query scores sigmoid(2.0) on every patch, and patch
     p = row * 8 + col predicts the box cxcywh ((col + 1) / 8, (row + 1) / 8, 1/8, 1/8) in the padded square."""
-    from grain.annotate.tiny_owl import build_tiny_owlv2
+    from support.tiny_owl import build_tiny_owlv2
 
     return build_tiny_owlv2(tmp_path_factory.mktemp("owl") / "pinned", seed=0, pin_score_logit=2.0)
 

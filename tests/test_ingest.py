@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from grain.config import IngestConfig
-from grain.data.ingest import ingest, ingest_fingerprint
+from grain.data.ingest import ingest
 from grain.data.readers import InputError
 from grain.shards import read_table
+from grain.stages import INGEST
 from image_corpus import build_cases
 
 CASES = build_cases()
@@ -180,6 +181,22 @@ def test_csv_tsv_jsonl_with_image_folder(tmp_path, fmt):
     assert {r["uid"]: r["reason"] for r in quarantined} == {k: v for k, v in expect.items() if v is not None}
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_byte_order_mark_changes_nothing(tmp_path, fmt):
+    """Excel and Notepad write a UTF-8 BOM; the list must ingest to the same samples as without one (the BOM must
+    not stick to the first header name, nor make the first JSON line unparsable)."""
+    path, expect = write_csv_dataset(tmp_path / "plain", fmt)
+    bom = tmp_path / "bom" / path.name  # same stem, so the same uids
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    images = str(tmp_path / "plain" / "images")
+    ingest(IngestConfig(source="csv", path=str(path), image_root=images, num_shards=2), tmp_path / "out_plain")
+    ingest(IngestConfig(source="csv", path=str(bom), image_root=images, num_shards=2), tmp_path / "out_bom")
+    kept, quarantined = comparable(tmp_path / "out_plain")
+    assert kept and {r["uid"] for r in kept} == {k for k, v in expect.items() if v is None}
+    assert comparable(tmp_path / "out_bom") == (kept, quarantined)  # uids, captions, image bytes, reasons
+
+
 def test_duplicate_uids_are_quarantined(tmp_path):
     img = next(c for c in CASES if c.name == "good_png").data
     (tmp_path / "a.png").write_bytes(img)
@@ -218,10 +235,10 @@ def test_input_changes_change_the_fingerprint(tmp_path):
     rows = dataset_rows()
     write_img2dataset_parquet(tmp_path / "pq", rows)
     cfg = IngestConfig(source="parquet", path=str(tmp_path / "pq"))
-    before = ingest_fingerprint(cfg)
-    assert ingest_fingerprint(cfg) == before
+    before = INGEST.fingerprint_of(cfg)
+    assert INGEST.fingerprint_of(cfg) == before
     write_img2dataset_parquet(tmp_path / "pq", rows[:-1])  # the data changed under the same path
-    assert ingest_fingerprint(cfg) != before
+    assert INGEST.fingerprint_of(cfg) != before
 
 
 def test_normalisation_is_recorded_in_meta_and_stats(tmp_path):

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
-from grain.train.losses import MODE_LOSSES, GrainCriterion, paired_giou, text_keys
+from grain.config import TRAIN_MODES
+from grain.train.losses import GrainCriterion, paired_giou, text_keys
 from grain.train.matcher import HungarianMatcher, box_cost, match_one
 
 
@@ -141,16 +142,16 @@ def test_config_errors():
     GrainCriterion("clip", {"loss_ic": 1.0})  # only the mode's own weights are required
 
 
-@pytest.mark.parametrize("mode", list(MODE_LOSSES))
+@pytest.mark.parametrize("mode", list(TRAIN_MODES))
 @pytest.mark.parametrize("counts", [[0, 0, 0], [2, 0, 3]], ids=["no-descriptions", "some-images-empty"])
 def test_empty_targets(mode, counts):
     outputs, targets = make_batch(counts, seed=11)
     leaves = as_leaves(outputs)
     crit = GrainCriterion(mode, WEIGHTS)
     total, logs = crit(leaves, targets)
-    assert set(MODE_LOSSES[mode]) <= set(logs)
+    assert set(TRAIN_MODES[mode].losses) <= set(logs)
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in logs.values())
-    expected_total = sum(WEIGHTS[k] * logs[k] for k in MODE_LOSSES[mode])
+    expected_total = sum(WEIGHTS[k] * logs[k] for k in TRAIN_MODES[mode].losses)
     assert torch.allclose(total, expected_total)
     if sum(counts) == 0:
         for k in ("loss_bbox", "loss_giou", "loss_rd"):

@@ -1,4 +1,4 @@
-"""The tiny local Qwen2-VL (grain.annotate.tiny_mllm) and the vLLM server wrapper (grain.annotate.vllm_server).
+"""The tiny local Qwen2-VL (tests/support/tiny_mllm.py) and the vLLM server wrapper (tests/support/vllm_server.py).
 
 The model folder is built from nothing in a temporary folder; it must load offline in transformers (this
 venv) and in vLLM (the separate vLLM venv, started through VLLMServer) and give the same greedy text in
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from grain.annotate.tiny_mllm import SPECIAL_TOKENS, build_tiny_qwen2vl
-from grain.annotate.vllm_server import VLLMServer, VLLMServerError
+from support.tiny_mllm import SPECIAL_TOKENS, build_tiny_qwen2vl
+from support.vllm_server import VLLMServer, VLLMServerError
 
 SERVED_NAME = "tiny-qwen2vl"
 

@@ -1,4 +1,4 @@
-"""The tiny local OWLv2 (grain.annotate.tiny_owl) and the OWLv2 frame through the real transformers path.
+"""The tiny local OWLv2 (tests/support/tiny_owl.py) and the OWLv2 frame through the real transformers path.
 
 The model folder is built from nothing in a temporary folder and loaded offline with the real classes. The
 frame mapping of grain.annotate.boxes is checked without trusting the random model: a coloured rectangle is
@@ -30,7 +30,7 @@ from transformers import (
 from transformers.models.owlv2.modeling_owlv2 import Owlv2ObjectDetectionOutput
 
 from grain.annotate.boxes import cxcywh_to_xyxy, original_to_owl, owl_square_side, owl_to_original, xyxy_to_cxcywh
-from grain.annotate.tiny_owl import (
+from support.tiny_owl import (
     BOS_ID,
     EOS_ID,
     GRID,

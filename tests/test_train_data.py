@@ -27,6 +27,7 @@ from grain.annotate.describe import describe
 from grain.annotate.ground import ground
 from grain.config import DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig
 from grain.contracts import DESCRIPTIONS_SCHEMA, REGIONS_SCHEMA, SAMPLES_SCHEMA
+from grain.annotate.boxes import cxcywh_to_xyxy
 from grain.data.ingest import ingest
 from grain.shards import Shard, output_parts, read_table, run_stage
 from grain.train.data import (
@@ -35,7 +36,6 @@ from grain.train.data import (
     POSITION_KEYS,
     Batch,
     TrainLoader,
-    cxcywh_to_xyxy,
     sample_rng,
     select_regions,
 )
@@ -206,7 +206,7 @@ def test_batch_shapes_ranges_images_captions_and_boxes(world, make, tok):
     for uid, (got_texts, boxes) in zip(batch.uids, per_image(batch, tok_to_text)):
         cx, cy, w, h = boxes.T
         assert (w > 0).all() and (h > 0).all() and (boxes >= 0).all() and (boxes <= 1).all()
-        got = sorted((t, tuple(np.round(bx, 5))) for t, bx in zip(got_texts, cxcywh_to_xyxy(boxes)))
+        got = sorted((t, tuple(np.round(bx, 5))) for t, bx in zip(got_texts, cxcywh_to_xyxy(boxes).astype(np.float32)))
         want = sorted((r["text"], tuple(np.round(np.array(r["box"], np.float32), 5))) for r in world.truth[uid])
         assert got == want
 

@@ -48,7 +48,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from grain.annotate import boxes as box_ops
 from grain.data.files import decode_rgb, to_rgb
+from grain.train.model import text_tokenizer
 from grain.shards import output_parts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,20 +142,6 @@ def choose_caption(caption: str, rewrite: str | None, rewrite_prob: float, rng: 
     return caption, False
 
 
-def xyxy_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
-    """``[N,4]`` (x0, y0, x1, y1) → ``[N,4]`` (cx, cy, w, h), same dtype."""
-    boxes = np.asarray(boxes)
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=1)
-
-
-def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """``[N,4]`` (cx, cy, w, h) → ``[N,4]`` (x0, y0, x1, y1), same dtype."""
-    boxes = np.asarray(boxes)
-    cx, cy, w, h = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-
-
 def select_regions(
     regions: Sequence[Mapping[str, Any]] | None, max_regions: int, rng: np.random.Generator
 ) -> tuple[list[str], np.ndarray, int]:
@@ -183,7 +171,7 @@ def select_regions(
     idx = np.flatnonzero(valid)
     order = idx[np.lexsort((tiebreak[idx], -scores[idx]))][: max(max_regions, 0)]
     texts = [regions[i]["text"] for i in order]
-    return texts, xyxy_to_cxcywh(clipped[order]).astype(np.float32).reshape(-1, 4), dropped
+    return texts, box_ops.xyxy_to_cxcywh(clipped[order]).astype(np.float32).reshape(-1, 4), dropped
 
 
 def load_image(data: bytes, image_size: int) -> np.ndarray:
@@ -280,8 +268,6 @@ class _Source:
         signature: str,
         pool: ThreadPoolExecutor | None,
     ):
-        import open_clip.tokenizer
-
         self.parts = parts
         self.desc_parts = desc_parts
         self.region_parts = region_parts
@@ -295,7 +281,7 @@ class _Source:
         self.world_size = world_size
         self.signature = signature
         self.pool = pool
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.tokenizer = text_tokenizer(context_length)
         self.context_length = context_length
         self._token_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # short phrases repeat a lot
         self._epoch_units: OrderedDict[int, list[Unit]] = OrderedDict()

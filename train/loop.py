@@ -27,8 +27,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from grain.config import TrainConfig, canonical_json, fingerprint
-from grain.shards import STAGE_FILE, read_json, write_json_atomic
+from grain.config import TrainConfig, canonical_json
+from grain.shards import write_json_atomic
+from grain.stages import STAGE_FILE, TRAIN, TRAIN_SUMMARY_FILE, input_fingerprint
 from grain.train import dist
 from grain.train.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from grain.train.data import Batch, TrainLoader
@@ -37,9 +38,9 @@ from grain.train.model import GrainModel, build_model, save_model
 
 log = logging.getLogger(__name__)
 
-STAGE = "train"
-CODE_VERSION = "train/1"
-SUMMARY_FILE = "summary.json"
+STAGE = TRAIN.name
+CODE_VERSION = TRAIN.code_version
+SUMMARY_FILE = TRAIN_SUMMARY_FILE
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -56,17 +57,6 @@ class TrainResult:
     model_dir: Path | None
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def train_fingerprint(cfg: TrainConfig, samples_dir: str | Path, descriptions_dir: str | Path | None,
-                      regions_dir: str | Path | None) -> str:
-    """Hash of what decides the weights: the train settings and the input stages' fingerprints."""
-    upstream: dict[str, Any] = {}
-    for name, folder in (("samples", samples_dir), ("descriptions", descriptions_dir), ("regions", regions_dir)):
-        if folder is not None:
-            stage_file = Path(folder) / STAGE_FILE
-            upstream[name] = read_json(stage_file)["fingerprint"] if stage_file.exists() else str(folder)
-    return fingerprint(STAGE, cfg.semantics(), CODE_VERSION, upstream)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -214,9 +204,16 @@ def train(
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     ckpt_dir = out_dir / "checkpoints"
+    mode = cfg.mode_spec
+    inputs = {"samples": samples_dir, "descriptions": descriptions_dir if mode.reads_descriptions(cfg.rewrite_prob) else None,
+              "regions": regions_dir if mode.reads_regions else None}
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+        upstream = {k: input_fingerprint(k, v) for k, v in inputs.items() if v is not None}
+        write_json_atomic(out_dir / STAGE_FILE, {"stage": STAGE, "fingerprint": TRAIN.fingerprint(cfg, upstream),
+                                                 "code_version": CODE_VERSION, "config": cfg.model_dump(mode="json"),
+                                                 "upstream": upstream})
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.arch, cfg.mode, **cfg.arch_overrides)
@@ -227,8 +224,7 @@ def train(
     criterion = GrainCriterion(cfg.mode, cfg.weights, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
                                mask_duplicates=cfg.mask_duplicate_descriptions)
     loader = TrainLoader(
-        samples_dir, descriptions_dir if cfg.mode != "clip" or cfg.rewrite_prob > 0 else None,
-        regions_dir if cfg.mode != "clip" else None,
+        samples_dir, inputs["descriptions"], inputs["regions"],
         batch_size=cfg.batch_size, image_size=model.image_size, context_length=model.context_length,
         max_regions=cfg.max_regions, rewrite_prob=cfg.rewrite_prob, seed=cfg.seed, rank=rank, world_size=world,
         num_workers=cfg.num_workers,
@@ -253,7 +249,7 @@ def train(
     if dist.is_distributed():
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         net = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=cfg.mode in ("no_rd", "no_box"), **ddp_kwargs
+            model, find_unused_parameters=mode.leaves_parameters_unused, **ddp_kwargs
         )
     if cfg.compile:
         net = torch.compile(net)

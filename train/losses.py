@@ -11,7 +11,7 @@ Inputs (see :class:`grain.train.model.GrainModel`; every embedding is already L2
     targets["desc_image"]    [M] long index (0..B-1) of each description's image
     targets["desc_boxes"]    [M,4]    (cx, cy, w, h) in [0, 1] of each description's region
 
-Losses per mode (:data:`MODE_LOSSES`):
+Losses per mode (``TrainMode.losses`` in grain.config.TRAIN_MODES):
 
 * ``loss_ic``: symmetric InfoNCE between images and captions on the *global* batch (all ranks' features).
 * ``loss_bbox`` / ``loss_giou``: after Hungarian matching of each image's Q predicted boxes to its description
@@ -45,21 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from grain.config import TRAIN_MODES
+
 from .dist import all_reduce_sum, gather_with_local_grad, get_world_size, scale_grad, scale_local_grad
 from .matcher import HungarianMatcher
-
-MODE_LOSSES: dict[str, tuple[str, ...]] = {
-    "grain": ("loss_ic", "loss_bbox", "loss_giou", "loss_rd"),
-    "no_rd": ("loss_ic", "loss_bbox", "loss_giou"),
-    "no_box": ("loss_ic", "loss_rd"),
-    "clip": ("loss_ic",),
-    "clip_desc": ("loss_ic", "loss_rd"),
-}
-"""The losses each training mode optimises (the keys its ``weights`` must provide)."""
-
-MATCHING_MODES = ("grain", "no_rd", "no_box")
-"""Modes that match region queries to descriptions with the Hungarian algorithm."""
-
 
 def weighted_total(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """``sum_k weights[k] * losses[k]`` over the keys of ``losses`` (the only place where weights are applied)."""
@@ -184,7 +173,7 @@ class GrainCriterion(nn.Module):
     """Computes the weighted training loss of one mode (see the module docstring).
 
     Args:
-        mode: one of :data:`MODE_LOSSES`.
+        mode: a key of grain.config.TRAIN_MODES.
         weights: a weight per loss of the mode (extra keys are ignored; a missing one is an error).
         cost_bbox, cost_giou: the Hungarian matching cost ``cost_bbox * L1 - cost_giou * GIoU``.
         mask_duplicates: in ``loss_rd``, mask out descriptions whose text equals the positive's (needs
@@ -194,13 +183,13 @@ class GrainCriterion(nn.Module):
     def __init__(self, mode: str, weights: Mapping[str, float], cost_bbox: float = 5.0, cost_giou: float = 2.0,
                  mask_duplicates: bool = False):
         super().__init__()
-        if mode not in MODE_LOSSES:
-            raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODE_LOSSES)}")
-        missing = [k for k in MODE_LOSSES[mode] if k not in weights]
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {', '.join(TRAIN_MODES)}")
+        missing = [k for k in TRAIN_MODES[mode].losses if k not in weights]
         if missing:
             raise ValueError(f"mode {mode!r} needs a weight for {', '.join(missing)}")
         self.mode = mode
-        self.loss_names = MODE_LOSSES[mode]
+        self.loss_names = TRAIN_MODES[mode].losses
         self.weights = {k: float(weights[k]) for k in self.loss_names}
         self.matcher = HungarianMatcher(cost_bbox, cost_giou)
         self.mask_duplicates = mask_duplicates
@@ -302,7 +291,7 @@ class GrainCriterion(nn.Module):
 
         losses["loss_ic"], stats["ic_acc"], image_offset = image_caption_loss(image, outputs["text_embed"], logit_scale)
 
-        if self.mode in MATCHING_MODES:
+        if TRAIN_MODES[self.mode].matching:
             batch_idx, query_idx, desc_idx = self.match(outputs, targets)
         if "loss_bbox" in self.loss_names:
             losses["loss_bbox"], losses["loss_giou"], box_stats = self.box_losses(

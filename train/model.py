@@ -11,7 +11,7 @@ resolved by :func:`build_model`. Each JSON holds ``embed_dim``, open_clip's ``vi
 
 Modes (``TrainConfig.mode``) decide the image side:
 
-* ``grain`` / ``no_rd`` / ``no_box``: the ViT returns all tokens (CLS + patches, after its final norm, projected
+* decoder modes (``grain`` / ``no_rd`` / ``no_box``; ``TrainMode.decoder`` in grain.config): the ViT returns all tokens (CLS + patches, after its final norm, projected
   width→D without bias by open_clip's own ``proj``); a LayerNorm makes them the decoder memory; Q region queries +
   1 image query attend to it; the image query's output × a D×D matrix is the global image embedding.
 * ``clip`` / ``clip_desc``: the plain open_clip CLIP image path (CLS token → projection); no decoder.
@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DECODER_MODES = ("grain", "no_rd", "no_box")
+from grain.config import TRAIN_MODES
+from grain.stages import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, model_content_hash
+
 QUERY_TYPES = ("learned", "anchored", "patches")
-ALL_MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
-MODEL_CONFIG_FILE = "grain_model.json"
-MODEL_WEIGHTS_FILE = "model.safetensors"
 EXPORT_FORMAT = 1
 
 
@@ -97,14 +96,22 @@ def build_model(name_or_arch: str | dict[str, Any] = "grain-tiny", mode: str = "
     ``overrides`` are merged into the arch (nested dicts allowed): ``build_model("grain-tiny",
     decoder={"layers": 1})``.
     """
-    if mode not in ALL_MODES:
-        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(ALL_MODES)}")
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(TRAIN_MODES)}")
     if isinstance(name_or_arch, dict):
         arch = _merge(name_or_arch, overrides, "arch")
         _check_arch(arch, "<dict>")
     else:
         arch = load_arch(name_or_arch, overrides)
     return GrainModel(arch, mode)
+
+
+def text_tokenizer(context_length: int) -> Any:
+    """open_clip's ``SimpleTokenizer`` at ``context_length``: how grain tokenises every text it trains on or
+    scores (captions, descriptions, class prompts)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -252,7 +259,7 @@ class GrainModel(nn.Module):
 
         self.arch = copy.deepcopy(arch)
         self.mode = mode
-        self.uses_decoder = mode in DECODER_MODES
+        self.uses_decoder = TRAIN_MODES[mode].decoder
         d = int(arch["embed_dim"])
         vision = dict(arch["vision_cfg"])
         if self.uses_decoder:
@@ -412,7 +419,8 @@ def _no_decay(name: str, p: Tensor) -> bool:
 
 
 def save_model(model: GrainModel, folder: str | Path) -> Path:
-    """Write a self-contained model folder: model.safetensors + grain_model.json (arch, mode, format)."""
+    """Write a self-contained model folder: model.safetensors + grain_model.json (format, mode, arch and the
+    model's content hash, which names its evaluations without rereading the weights; grain.stages.model_key)."""
     from safetensors.torch import save_file
 
     from grain.shards import write_json_atomic
@@ -424,7 +432,9 @@ def save_model(model: GrainModel, folder: str | Path) -> Path:
     tmp = folder / (MODEL_WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(folder / MODEL_WEIGHTS_FILE)
-    write_json_atomic(folder / MODEL_CONFIG_FILE, {"format": EXPORT_FORMAT, "mode": module.mode, "arch": module.arch})
+    meta = {"format": EXPORT_FORMAT, "mode": module.mode, "arch": module.arch}
+    meta["content_hash"] = model_content_hash(meta, folder / MODEL_WEIGHTS_FILE)
+    write_json_atomic(folder / MODEL_CONFIG_FILE, meta)
     return folder
 
 

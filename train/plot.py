@@ -1,48 +1,97 @@
-"""A loss-curve PNG from metrics.jsonl, drawn with Pillow (no plotting dependency)."""
+"""A loss-curve PNG from a run's metrics.jsonl, drawn with matplotlib's Agg renderer.
+
+Only the object-oriented API is used (:class:`matplotlib.figure.Figure` on a
+:class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`): no ``pyplot``, so no global figure registry, no backend
+switch and nothing left open for other code in the same process (the pipeline calls this from a Prefect flow).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+#: dpi of the figure; the requested pixel size is divided by it, so the PNG has exactly ``size`` pixels.
+DPI = 100
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+def _loss_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """``{key: [(step, value), ...]}`` for every ``loss*`` key, sorted by step, one point per step.
+
+    A resumed run can write the same step twice; the LAST row holding a key wins for that step (it is the value the
+    run that continued actually had). Non-finite values (NaN from a skipped bad step, inf) and non-numbers are
+    dropped after that, so they leave a gap instead of breaking the axes.
+    """
+    latest: dict[str, dict[float, object]] = {}
+    for row in rows:
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            continue
+        for key, value in row.items():
+            if key.startswith("loss"):
+                latest.setdefault(key, {})[step] = value
+    series = {}
+    for key in sorted(latest):
+        points = sorted(
+            (step, float(value))
+            for step, value in latest[key].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        if points:
+            series[key] = points
+    return series
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The JSON objects of a metrics.jsonl; a line that does not parse (torn by a kill mid-write) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def loss_curve_png(metrics_file: str | Path, out: str | Path, size: tuple[int, int] = (640, 360)) -> Path | None:
-    """Plot every ``loss*`` series of a run's metrics.jsonl against the step; None when there is nothing to plot."""
+    """Plot every ``loss*`` series of a run's metrics.jsonl against the step into a ``size`` (w, h) pixel PNG.
+
+    Returns ``out`` as a Path, or None (and writes nothing) when the file is missing or holds no finite loss value.
+
+    The y-axis is logarithmic when every plotted value is positive and they span more than a factor of 10: the
+    total loss and its components (contrastive terms of several units next to box L1 terms of a few hundredths)
+    then stay readable on one plot, and the late, slow decrease is visible instead of a flat line near the bottom.
+    Otherwise (a single narrow series, or a loss that can be zero or negative) the axis is linear.
+    Below roughly 150 pixels a side the labels cannot fit and matplotlib warns that it skipped the layout; the PNG
+    still has the requested size.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     path = Path(metrics_file)
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keys = sorted({k for r in rows for k in r if k.startswith("loss")})
-    series = {k: [(r["step"], r[k]) for r in rows if k in r and r[k] == r[k]] for k in keys}
-    series = {k: v for k, v in series.items() if v}
+    series = _loss_series(_read_rows(path))
     if not series:
         return None
-    w, h = size
-    left, right, top, bottom = 50, 130, 15, 30
-    steps = [s for v in series.values() for s, _ in v]
-    vals = [y for v in series.values() for _, y in v]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(0.0, min(vals)), max(vals) * 1.05 or 1.0
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    values = [v for points in series.values() for _, v in points]
 
-    def xy(s: float, y: float) -> tuple[float, float]:
-        return (left + (s - x0) / (x1 - x0) * (w - right - left), h - bottom - (y - y0) / (y1 - y0) * (h - bottom - top))
-
-    for i, (key, pts) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        if len(pts) > 1:
-            d.line([xy(s, y) for s, y in pts], fill=colour, width=2)
-        d.text((w - right + 8, top + 14 * i), key, fill=colour)
-    d.text((left, h - bottom + 6), f"step {x0}", fill=(0, 0, 0))
-    d.text((w - right - 60, h - bottom + 6), f"step {x1}", fill=(0, 0, 0))
-    d.text((4, top), f"{y1:.2f}", fill=(0, 0, 0))
-    d.text((4, h - bottom - 10), f"{y0:.2f}", fill=(0, 0, 0))
+    width, height = size
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, points in series.items():
+        steps, ys = zip(*points)
+        # a lone point has no segment to draw: give it a marker so it is visible
+        ax.plot(steps, ys, label=key, linewidth=1.5, marker="o" if len(points) == 1 else None)
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
     out = Path(out)
-    img.save(out)
+    canvas.print_png(out)
     return out

@@ -62,7 +62,7 @@ DEFAULT_STARTUP_TIMEOUT_S = 300.0
 #: How many lines of the server log an error message quotes.
 LOG_TAIL_LINES = 40
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # tests/support/ -> the repository
 # Requests to the local server must never go through an HTTP proxy configured in the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
