@@ -275,3 +275,27 @@ def test_prefect_yaml_deployments_run_on_a_process_worker(server):
         assert list(work.glob("reports/*.md"))
     finally:
         _stop(worker)
+
+
+def test_grain_run_with_prefects_temporary_server(tmp_path):
+    """Without PREFECT_API_URL, `grain run` starts Prefect's temporary server itself (flows/server.py), runs every
+    stage, prints the report and no traceback, and leaves no server process behind; a rerun is all Cached."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_LOGGING_LEVEL="INFO")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(work=tmp_path / "work", steps=4, every=4))
+    cmd = [str(BIN / "grain"), "run", "--config", str(cfg)]
+    for expected in ("Completed", "Cached"):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        out = done.stdout + done.stderr
+        assert "Traceback" not in out and "| single | classification | names |" in out
+        states = re.findall(r"Task run '(\w+) [^']*' - Finished in state (\w+)", out)
+        assert sorted(s for s, _ in states) == sorted(["ingest", "describe", "ground", "train", "evaluate"]), states
+        assert {st for _, st in states} == {expected}, states
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", out)
+        assert url, out[-2000:]
+        with socket.socket() as s:  # the temporary server is gone with the command
+            assert s.connect_ex(("127.0.0.1", int(url.group(1)))) != 0
+    assert (tmp_path / "home" / "temporary-server.log").exists()

@@ -4,7 +4,6 @@ transform, tokenizer and encoders equal grain's own image and text paths; ``impo
 
 from __future__ import annotations
 
-import io
 import pickle
 import subprocess
 import sys
