@@ -128,9 +128,11 @@ def _run_stage_flow(stage: str, config: str | None, overrides: list[str] | None,
                                **({"launcher": options["launcher"]} if producer == "train" and "launcher" in options else {}))
             given[name] = summary["model"] if name == "model" else summary["out"]
     step = stages.plan(cfg, stage, given)
-    fn = TASKS[stage] if step.finished else TASKS[stage].with_options(refresh_cache=True)
-    return fn(stage=stage, config=cfg.model_dump(mode="json"), inputs={k: str(v) for k, v in step.inputs.items()},
-              out=str(step.out), options=options or None)
+    finished = step.finished  # before the task runs (the property looks at the folder each time)
+    fn = TASKS[stage] if finished else TASKS[stage].with_options(refresh_cache=True)
+    summary = fn(stage=stage, config=cfg.model_dump(mode="json"), inputs={k: str(v) for k, v in step.inputs.items()},
+                 out=str(step.out), options=options or None)
+    return {**summary, "reused": finished}  # True: this run did no work for the stage (its task was Cached)
 
 
 @flow(name="grain-ingest")
@@ -205,12 +207,14 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
     lines = ["# grain pipeline report", "",
              f"workdir `{stages.workdir_path(cfg)}`; ingest `{cfg.ingest.source}`; describe `{cfg.describe.engine}`; "
              f"ground `{cfg.ground.engine}`; train `{cfg.train.mode}` / `{cfg.train.arch}` × {cfg.train.steps} steps; "
-             f"total {seconds:.1f} s", "", "| stage | output | wall s | counts |", "|---|---|---|---|"]
+             f"total {seconds:.1f} s", "", "| stage | output | this run | counts |", "|---|---|---|---|"]
     for name, st in summaries.items():
         counts = {k: st[k] for k in ("steps", "bad_steps", "encoded", "cached") if k in st}
         totals = st.get("totals") or {}
         counts.update({k: totals[k] for k in ("rows_in", "rows_out") if k in totals})
-        lines.append(f"| {name} | `{st['out']}` | {st.get('wall_seconds', 'cached')} | {json.dumps(counts)} |")
+        took = f"{st.get('wall_seconds', 0):.1f} s"
+        this_run = f"cached (took {took} when it ran)" if st.get("reused") else took
+        lines.append(f"| {name} | `{st['out']}` | {this_run} | {json.dumps(counts)} |")
     if skipped:
         lines += ["", f"Not run (not needed by this config): {', '.join(skipped)}."]
     table = eval_dir / stages.EVAL_TABLE_FILE

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 import yaml
@@ -40,7 +40,6 @@ def _load(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
         return load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc)
-    raise AssertionError("unreachable")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -51,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException) -> NoReturn:
     """One line naming what is wrong (a file, key or folder) and exit 2; no traceback for user errors."""
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(2) from None
@@ -70,7 +69,6 @@ def _run_stage(cfg: PipelineConfig, stage: str, given: dict[str, Path | None], o
         return step.stage.run(cfg, step.inputs, (out or step.out).absolute(), **opts)
     except USER_ERRORS as exc:
         _fail(exc)
-    raise AssertionError("unreachable")
 
 
 @app.command()

@@ -78,7 +78,7 @@ def eval_cache_dir(workdir: str | Path) -> Path:
 
 def synthetic_eval_samples(workdir: str | Path, ingest_cfg: Any) -> Path:
     """Where evaluate ingests a synthetic eval split: the samples/ folder of that ingest config."""
-    return stage_folder(workdir, "ingest", STAGES["ingest"].fingerprint(ingest_cfg, INGEST.upstream(ingest_cfg, {})))
+    return stage_folder(workdir, "ingest", INGEST.fingerprint_of(ingest_cfg))
 
 
 # ------------------------------------------------------------------------------------------------ input identities

@@ -294,6 +294,7 @@ def test_grain_run_with_prefects_temporary_server(tmp_path):
         states = re.findall(r"Task run '(\w+) [^']*' - Finished in state (\w+)", out)
         assert sorted(s for s, _ in states) == sorted(["ingest", "describe", "ground", "train", "evaluate"]), states
         assert {st for _, st in states} == {expected}, states
+        assert (out.count("| cached (took ") == 5) == (expected == "Cached")  # the report says what this run did
         url = re.search(r"http://127\.0\.0\.1:(\d+)/", out)
         assert url, out[-2000:]
         with socket.socket() as s:  # the temporary server is gone with the command
