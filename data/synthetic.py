@@ -32,7 +32,7 @@ from grain.config import SyntheticConfig
 
 #: Bump whenever the same config would render different classes or pixels; it enters the ingest fingerprint, so
 #: cached samples/ of an older world are never reused.
-WORLD_VERSION = "world/1"
+WORLD_VERSION = "world/2"
 
 # ----------------------------------------------------------------------------------------------- vocabulary
 
@@ -84,7 +84,7 @@ _BODY_A, _BODY_B, _HEAD_R, _TAIL_LEN, _TAIL_H = 0.15, 0.095, 0.075, 0.13, 0.085
 #: Two creatures may share at most this fraction of the smaller creature box (implies IoU below it as well).
 _MAX_OVERLAP = 0.05
 
-Split = Literal["train", "single", "distractor", "swap"]
+Split = Literal["train", "heldout", "single", "distractor", "swap"]
 #: A class's attributes: (colour, pattern) for each part, in ``PARTS`` order.
 Attributes = tuple[tuple[str, str], ...]
 
@@ -238,52 +238,47 @@ def _unseen_pairs(rng: np.random.Generator, num_pairs: int) -> list[Attributes]:
 
 
 def _covering_seen(rng: np.random.Generator, unseen: list[Attributes], num_seen: int) -> list[Attributes]:
-    """Seen classes that contain every (part, colour) and (part, pattern) pair of the unseen classes.
+    """Seen classes in which every part description of the unseen classes occurs: each (part, colour, pattern) of an
+    unseen class is that part of some seen class, so an unseen class is a new *combination* of part descriptions
+    all seen in training (world/2; world/1 covered (part, colour) and (part, pattern) separately, which left some
+    unseen descriptions — e.g. "a red dotted tail" — never shown in training).
 
-    Greedy: each new class takes, for every part, a still-uncovered colour and pattern of that part when there is one
-    (else a random one), so the number of classes needed is the largest number of uncovered values of one slot.
+    Greedy: each new class takes, for every part, a still-uncovered (colour, pattern) of that part when there is one
+    (else a random one), so the number of classes needed is the largest number of distinct descriptions that the
+    unseen classes put on one part.
     """
     unseen_set = set(unseen)
-    # slot = (part index, 0 for colour / 1 for pattern) -> values still to cover
-    uncovered: dict[tuple[int, int], set[str]] = {(i, k): set() for i in range(len(PARTS)) for k in (0, 1)}
-    for attrs in unseen:
-        for i, pair in enumerate(attrs):
-            uncovered[(i, 0)].add(pair[0])
-            uncovered[(i, 1)].add(pair[1])
+    uncovered: dict[int, set[tuple[str, str]]] = {i: {attrs[i] for attrs in unseen} for i in range(len(PARTS))}
     needed = max(len(v) for v in uncovered.values())
     if needed > num_seen:
         raise ValueError(
-            f"synthetic.num_seen_classes={num_seen} is too small: covering every (part, attribute) pair of the "
+            f"synthetic.num_seen_classes={num_seen} is too small: showing every part description of the "
             f"{len(unseen)} unseen classes needs at least {needed} seen classes; raise num_seen_classes or lower "
             f"num_unseen_pairs"
         )
-    values = {0: list(COLOURS), 1: list(PATTERNS)}
+    every = [(c, p) for c in COLOURS for p in PATTERNS]
     seen: list[Attributes] = []
     seen_set: set[Attributes] = set()
     while any(uncovered.values()):
         for attempt in range(100):
-            choice: dict[tuple[int, int], str] = {}
-            relaxed = None
-            if attempt:
-                # All slots forced onto an unseen class: let one random slot take any value this round.
-                slots = list(uncovered)
-                relaxed = slots[rng.integers(len(slots))]
-            for slot, todo in uncovered.items():
-                pool = sorted(todo) if todo and slot != relaxed else values[slot[1]]
-                choice[slot] = pool[rng.integers(len(pool))]
-            candidate = tuple((choice[(i, 0)], choice[(i, 1)]) for i in range(len(PARTS)))
+            relaxed = int(rng.integers(len(PARTS))) if attempt else None  # stuck on an unseen class: free one part
+            choice = []
+            for i in range(len(PARTS)):
+                pool = sorted(uncovered[i]) if uncovered[i] and i != relaxed else every
+                choice.append(pool[rng.integers(len(pool))])
+            candidate = tuple(choice)
             if candidate not in unseen_set and candidate not in seen_set:
                 break
         else:  # pragma: no cover - would need an adversarial world
             raise ValueError("could not build seen classes covering the unseen classes; try another seed")
         seen.append(candidate)
         seen_set.add(candidate)
-        for slot in uncovered:
-            uncovered[slot].discard(choice[slot])
+        for i, value in enumerate(candidate):
+            uncovered[i].discard(value)
     if len(seen) > num_seen:
         raise ValueError(
-            f"synthetic.num_seen_classes={num_seen} is too small: {len(seen)} seen classes are needed to cover "
-            f"every (part, attribute) pair of the unseen classes; raise num_seen_classes"
+            f"synthetic.num_seen_classes={num_seen} is too small: {len(seen)} seen classes are needed to show "
+            f"every part description of the unseen classes; raise num_seen_classes"
         )
     while len(seen) < num_seen:
         candidate = _random_attributes(rng)
@@ -625,7 +620,7 @@ def render_sample(world: World, cfg: SyntheticConfig, index: int) -> dict[str, A
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     extra: dict[str, Any] = {}
 
-    if cfg.split == "train":
+    if cfg.split in ("train", "heldout"):
         seen = [world.get(n) for n in world.seen]
         count = int(rng.integers(1, cfg.max_creatures + 1))
         picks = rng.choice(len(seen), size=min(count, len(seen)), replace=False)
@@ -674,13 +669,13 @@ def render_sample(world: World, cfg: SyntheticConfig, index: int) -> dict[str, A
             "parts": parts_meta,
         }
         drawn.append(((x1 - x0) * (y1 - y0), creature_regions, described))
-    if cfg.split == "train":
+    if cfg.split in ("train", "heldout"):
         # the largest creature (by drawn box area) comes first and labels the image; the sort is stable
         drawn.sort(key=lambda item: -item[0])
     regions = [region for _, creature_regions, _ in drawn for region in creature_regions]
     creatures_meta = [described for _, _, described in drawn]
 
-    if cfg.split == "train":
+    if cfg.split in ("train", "heldout"):
         caption = _caption([c["class"] for c in creatures_meta], background)
     elif cfg.split == "single":
         caption = f"a photo of a creature {_BACKGROUND_PHRASE[background]}"

@@ -73,6 +73,8 @@ class ClassificationSet:
     labels: np.ndarray
     load: Callable[[int], bytes]
     fingerprint: str
+    #: synthetic swap split: per image (true descriptions, foil descriptions), in key order (:func:`swap_pairs`)
+    swap: list[tuple[list[str], list[str]]] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)

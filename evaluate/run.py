@@ -20,7 +20,8 @@ from grain.evaluate.zeroshot import (
     descriptor_embeddings,
     encode_images,
     names_embeddings,
-    region_scores,
+    raw_descriptor_embeddings,
+    score_regions,
     waffle_descriptors,
 )
 from grain.stages import EVAL_RESULTS_FILE, EVAL_SUMMARY_FILE, EVAL_TABLE_FILE, eval_cache_dir, model_key, synthetic_eval_samples
@@ -36,6 +37,7 @@ class EvalResult:
     out_dir: Path
     rows: list[dict[str, Any]]
     skipped: list[str] = field(default_factory=list)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> task, size, chance level
     encoded: int = 0  # datasets whose images had to be encoded (cache misses)
     cached: int = 0
     seconds: float = 0.0
@@ -70,13 +72,19 @@ def load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, pr
     descriptors = read_descriptor_json(ds.descriptors) if ds.descriptors else None
     templates = list(ds.templates) if ds.templates else None
     if ds.kind == "synthetic":
-        if ds.split not in ("single", "distractor", "swap"):
-            raise ValueError(f"evaluate.datasets[{ds.name}]: synthetic split must be single, distractor or swap, got {ds.split!r}")
+        if ds.split not in ("single", "distractor", "swap", "heldout"):
+            raise ValueError(f"evaluate.datasets[{ds.name}]: synthetic split must be single, distractor, swap or "
+                             f"heldout, got {ds.split!r}")
         from grain.data.synthetic import build_world
 
         samples = _synthetic_samples(ds, base, workdir, progress)
+        if ds.split == "heldout":  # images like the training set's, never trained on: caption retrieval
+            return [D.load_samples_retrieval(samples, name=ds.name)], None
         data = D.synthetic_classification(samples, seed=base.seed, num_seen_classes=base.num_seen_classes,
                                           num_unseen_pairs=base.num_unseen_pairs, which="unseen", name=ds.name)
+        if ds.split == "swap":
+            pairs = D.swap_pairs(samples)
+            data.swap = [pairs[k] for k in data.keys]
         if descriptors is None:
             descriptors = build_world(base.seed, base.num_seen_classes, base.num_unseen_pairs).descriptors("unseen")
         return [data], descriptors
@@ -111,8 +119,6 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
              synthetic: SyntheticConfig | None = None, cache_dir: str | Path | None = None,
              progress: bool = True) -> EvalResult:
     """Score the model on every dataset of ``cfg``; write ``results.parquet`` and ``results.md`` to ``out_dir``."""
-    from grain.evaluate.descriptors import align_descriptors
-    from grain.evaluate.metrics import classification_metrics, retrieval_metrics
     from grain.shards import write_json_atomic
     from grain.train.model import load_model
 
@@ -143,48 +149,15 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
             data.fingerprint,
             lambda data=data: encode_images(model, len(data.keys), data.load, batch_size=cfg.batch_size,
                                             device=device, progress=progress, desc=ds.name),
+            required=("boxes",) if model.uses_decoder else (),
         )
         result.cached += int(hit)
         result.encoded += int(not hit)
-        image = emb["image_embed"]
-        if not hasattr(data, "classnames"):  # retrieval set
-            texts, text_image = data.flat_captions()
-            add(ds.name, "retrieval", "captions",
-                retrieval_metrics(image, text(texts), torch.as_tensor(text_image), chunk=cfg.retrieval_chunk))
-            continue
-        labels = torch.as_tensor(data.labels)
-        names = names_embeddings(text, data.classnames, data.templates)
-        if "names" in cfg.modes:
-            add(ds.name, "classification", "names", classification_metrics(image @ names.T, labels))
-        needs_desc = [m for m in cfg.modes if m in ("descriptions", "waffle", "regions")]
-        if needs_desc and descriptor_json is None:
-            result.skipped.append(f"{ds.name}: {', '.join(needs_desc)} skipped (no descriptor file; set evaluate.datasets[].descriptors)")
-            continue
-        if not needs_desc:
-            continue
-        aligned = align_descriptors(data.classnames, descriptor_json, on_empty=cfg.empty_descriptors,
-                                    on_extra=cfg.extra_descriptors, where=ds.descriptors or f"{ds.name} descriptors")
-        template = data.templates[0]
-        desc_classes = descriptor_embeddings(text, data.classnames, aligned, template, fallback=names)
-        if "descriptions" in cfg.modes:
-            add(ds.name, "classification", "descriptions", classification_metrics(image @ desc_classes.T, labels))
-        if "waffle" in cfg.modes:
-            lengths = [len(a) for a in aligned if a]
-            count = cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1)))
-            waffle = waffle_descriptors(data.classnames, count, cfg.waffle_seed)
-            waffle_classes = descriptor_embeddings(text, data.classnames, waffle, template)
-            add(ds.name, "classification", "waffle", classification_metrics(image @ waffle_classes.T, labels))
-        if "regions" in cfg.modes:
-            if "region_embed" not in emb:
-                result.skipped.append(f"{ds.name}: regions skipped (model mode {model.mode!r} has no region queries)")
-                continue
-            raw = [text(a) if a else text([fill_template(data.templates[0], c)])
-                   for c, a in zip(data.classnames, aligned)]
-            region = region_scores(emb["region_embed"], raw)
-            glob = image @ (desc_classes if cfg.regions_global == "descriptions" else names).T
-            for alpha in cfg.alphas:
-                add(ds.name, "classification", f"regions@{alpha:g}",
-                    classification_metrics(alpha * glob + (1 - alpha) * region, labels))
+        result.datasets[ds.name] = _describe_dataset(data)
+        scored = score_dataset(cfg, model, text, data, emb, descriptor_json, where=ds.descriptors or f"{ds.name} descriptors")
+        result.skipped += [f"{ds.name}: {s}" for s in scored.pop("skipped")]
+        for (task, mode), metrics in scored.items():
+            add(ds.name, task, mode, metrics)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = rows_to_table(result.rows, EVAL_SCHEMA)
@@ -193,16 +166,165 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     tmp = out_dir / (RESULTS_FILE + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out_dir / RESULTS_FILE)
-    (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir))
+    (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir,
+                                                      model_info(model_dir), result.datasets))
     result.seconds = time.perf_counter() - t0
     write_json_atomic(out_dir / EVAL_SUMMARY_FILE, {"model": str(model_dir), "model_hash": key, "rows": len(result.rows),
+                                                  "model_info": model_info(model_dir), "datasets": result.datasets,
                                                   "skipped": result.skipped, "seconds": result.seconds,
                                                   "cache_hits": result.cached, "encoded": result.encoded})
     return result
 
 
-def markdown_table(rows: list[dict[str, Any]], skipped: list[str], model_dir: str | Path) -> str:
-    """One line per (dataset, task, mode); metrics as columns, values in percent."""
+def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb: dict[str, torch.Tensor],
+                  descriptor_json: dict[str, list[str]] | None, where: str = "descriptors") -> dict[Any, Any]:
+    """Every configured mode on one dataset from its image embeddings: ``{(task, mode): metrics, "skipped": [...]}``.
+
+    Shared by the evaluate stage and the in-training probe (``train.eval_every``).
+    """
+    from grain.evaluate.descriptors import align_descriptors
+    from grain.evaluate.metrics import classification_metrics, retrieval_metrics
+
+    out: dict[Any, Any] = {"skipped": []}
+    image = emb["image_embed"]
+    if not hasattr(data, "classnames"):  # retrieval set
+        texts, text_image = data.flat_captions()
+        out[("retrieval", "captions")] = retrieval_metrics(image, text(texts), torch.as_tensor(text_image),
+                                                           chunk=cfg.retrieval_chunk)
+        return out
+    labels = torch.as_tensor(data.labels)
+    names = names_embeddings(text, data.classnames, data.templates)
+    if "names" in cfg.modes:
+        out[("classification", "names")] = classification_metrics(image @ names.T, labels)
+    needs_desc = [m for m in cfg.modes if m in ("descriptions", "descriptors", "waffle", "regions")]
+    if needs_desc and descriptor_json is None:
+        out["skipped"].append(f"{', '.join(needs_desc)} skipped (no descriptor file; set evaluate.datasets[].descriptors)")
+        return out
+    if not needs_desc:
+        return out
+    aligned = align_descriptors(data.classnames, descriptor_json, on_empty=cfg.empty_descriptors,
+                                on_extra=cfg.extra_descriptors, where=where)
+    template = data.templates[0]
+    desc_classes = descriptor_embeddings(text, data.classnames, aligned, template, fallback=names)
+    raw_classes = None
+    if "descriptors" in cfg.modes or cfg.regions_global == "descriptors":
+        raw = [a if a else [fill_template(template, c)] for c, a in zip(data.classnames, aligned)]
+        raw_classes = raw_descriptor_embeddings(text, raw)
+    if "descriptions" in cfg.modes:
+        out[("classification", "descriptions")] = classification_metrics(image @ desc_classes.T, labels)
+    if "descriptors" in cfg.modes:
+        out[("classification", "descriptors")] = classification_metrics(image @ raw_classes.T, labels)
+    if "waffle" in cfg.modes:
+        lengths = [len(a) for a in aligned if a]
+        count = cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1)))
+        waffle = waffle_descriptors(data.classnames, count, cfg.waffle_seed)
+        waffle_classes = descriptor_embeddings(text, data.classnames, waffle, template)
+        out[("classification", "waffle")] = classification_metrics(image @ waffle_classes.T, labels)
+    has_regions = "region_embed" in emb
+    if "regions" in cfg.modes:
+        if not has_regions:
+            out["skipped"].append(f"regions skipped (model mode {model.mode!r} has no region queries)")
+        else:
+            per_class = [text(a) if a else text([fill_template(template, c)]) for c, a in zip(data.classnames, aligned)]
+            glob_classes = {"descriptions": desc_classes, "descriptors": raw_classes, "names": names}[cfg.regions_global]
+            glob = image @ glob_classes.T
+            for scorer in cfg.region_scorers:
+                region = score_regions(scorer, emb["region_embed"], emb.get("boxes"), per_class, cfg.bind_window)
+                for alpha in cfg.alphas:
+                    out[("classification", f"regions-{scorer}@{alpha:g}")] = classification_metrics(
+                        alpha * glob + (1 - alpha) * region, labels)
+    if getattr(data, "swap", None):
+        out.update(swap_task(cfg, text, emb, data.swap))
+    return out
+
+
+def swap_task(cfg: EvalConfig, text: TextEncoder, emb: dict[str, torch.Tensor],
+              pairs: list[tuple[list[str], list[str]]]) -> dict[tuple[str, str], dict[str, float]]:
+    """The swap test: for each image, is the target's true description list scored above the foil?
+
+    Scored with the global embedding against the raw descriptions (``descriptors``) and, for models with region
+    queries, with every region scorer. ``acc`` counts a tie as half (chance 50 %).
+    """
+    image = emb["image_embed"]
+    truth = raw_descriptor_embeddings(text, [t for t, _ in pairs])
+    foil = raw_descriptor_embeddings(text, [f for _, f in pairs])
+    out = {("swap", "descriptors"): _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))}
+    if "region_embed" in emb and "regions" in cfg.modes:
+        regions, boxes = emb["region_embed"], emb.get("boxes")
+        for scorer in cfg.region_scorers:
+            both = torch.stack([
+                score_regions(scorer, regions[i : i + 1], None if boxes is None else boxes[i : i + 1],
+                              [text(t), text(f)], cfg.bind_window)[0]
+                for i, (t, f) in enumerate(pairs)
+            ]) if pairs else torch.zeros(0, 2)
+            out[("swap", f"regions-{scorer}@0")] = _pair_accuracy(both[:, 0], both[:, 1])
+    return out
+
+
+def _pair_accuracy(true_scores: torch.Tensor, foil_scores: torch.Tensor) -> dict[str, float]:
+    wins = (true_scores > foil_scores).float() + 0.5 * (true_scores == foil_scores).float()
+    return {"acc": float(wins.mean()) if wins.numel() else float("nan"), "n": int(wins.numel())}
+
+
+def _describe_dataset(data: Any) -> dict[str, Any]:
+    """Task, size and chance level of a dataset (what the report prints beside its numbers)."""
+    if not hasattr(data, "classnames"):
+        n = len(data.keys)
+        return {"task": "retrieval", "images": n, "captions": sum(len(c) for c in data.captions),
+                "chance": {"image_retrieval_recall@1": 1 / max(n, 1)}}
+    c = len(data.classnames)
+    info: dict[str, Any] = {"task": "classification", "images": len(data.keys), "classes": c,
+                            "chance": {"acc1": 1 / c, "acc5": min(1.0, 5 / c)}}
+    if getattr(data, "swap", None):
+        info["chance"]["swap"] = 0.5
+    return info
+
+
+def model_info(model_dir: str | Path) -> dict[str, Any]:
+    """What a results table says about the model it scores: mode, arch, steps, seed (from the model folder and the
+    training run around it, when there is one)."""
+    import json
+
+    from grain.stages import MODEL_CONFIG_FILE, TRAIN_SUMMARY_FILE
+
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / MODEL_CONFIG_FILE).read_text())
+    arch = meta.get("arch", {})
+    dec = arch.get("decoder", {})
+    info: dict[str, Any] = {"mode": meta.get("mode"), "arch": arch.get("name") or arch.get("description", "")[:60],
+                            "image_size": arch.get("vision_cfg", {}).get("image_size")}
+    if meta.get("mode") in ("grain", "no_rd", "no_box"):
+        info["decoder"] = f"{dec.get('query_type', 'learned')} queries"
+    run = model_dir.parent
+    train_cfg = run / "train_config.json"
+    if train_cfg.exists():
+        tc = json.loads(train_cfg.read_text())
+        info.update(arch=tc.get("arch", info["arch"]), seed=tc.get("seed"), batch_size=tc.get("batch_size"))
+    summary = run / TRAIN_SUMMARY_FILE
+    if summary.exists():
+        info["steps"] = json.loads(summary.read_text()).get("steps")
+    return info
+
+
+#: Why two rows of a table can hold the same numbers (printed under every table that has both).
+COINCIDENCES = (
+    ("regions-bind@1", "`regions-<scorer>@1` is the global score alone, so it equals the `regions_global` mode "
+     "(`descriptions` or `descriptors`) whatever the scorer; `@0` is the region score alone."),
+    ("regions-max@0", "`regions-bind` can equal `regions-max`: both take each description's best query; bind only "
+     "restricts the queries to one object's neighbourhood, which changes nothing when the best ones are already together."),
+    ("waffle", "`names`, `descriptions` and `waffle` all put the class name in the text: for classes whose names the "
+     "text tower never saw (the synthetic world's unseen classes have invented names) they stay near chance for every "
+     "model; `descriptors` and the region scorers do not use the name."),
+)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], skipped: list[str], model_dir: str | Path,
+                   info: dict[str, Any] | None = None, datasets: dict[str, dict[str, Any]] | None = None) -> str:
+    """One line per (dataset, task, mode); metrics as columns, values in percent; the model and chance levels named."""
     metrics: list[str] = []
     for r in rows:
         if r["metric"] not in metrics:
@@ -210,14 +332,71 @@ def markdown_table(rows: list[dict[str, Any]], skipped: list[str], model_dir: st
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["task"], r["mode"]), {"n": r["n"]})[r["metric"]] = r["value"]
-    lines = [f"# Zero-shot evaluation of `{model_dir}`", "",
-             "| dataset | task | mode | n | " + " | ".join(metrics) + " |",
-             "|---|---|---|---|" + "---|" * len(metrics)]
+    lines = [f"# Zero-shot evaluation of `{model_dir}`", ""]
+    if info:
+        described = ", ".join(f"{k} {v}" for k, v in info.items() if v not in (None, ""))
+        lines += [f"Model: {described}.", ""]
+    if datasets:
+        lines += ["| dataset | task | images | classes | chance |", "|---|---|---|---|---|"]
+        for name, d in datasets.items():
+            chance = ", ".join(f"{k} {_pct(v)} %" for k, v in d.get("chance", {}).items())
+            lines.append(f"| {name} | {d['task']} | {d['images']} | {d.get('classes', '')} | {chance} |")
+        lines.append("")
+    lines += ["| dataset | task | mode | n | " + " | ".join(metrics) + " |",
+              "|---|---|---|---|" + "---|" * len(metrics)]
     for (dataset, task, mode), vals in groups.items():
-        cells = [f"{100 * vals[m]:.2f}" if m in vals else "" for m in metrics]
+        cells = [_pct(vals[m]) if m in vals else "" for m in metrics]
         lines.append(f"| {dataset} | {task} | {mode} | {vals['n']} | " + " | ".join(cells) + " |")
+    modes = {m for _, _, m in groups}
+    notes = [text for key, text in COINCIDENCES if key in modes]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     if skipped:
         lines += ["", "Skipped:"] + [f"- {s}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+_HEADLINE_METRIC = {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}
+
+
+def comparison_table(evals: dict[str, str | Path]) -> str:
+    """Several models' evaluations side by side: one row per (dataset, task, mode), each task's headline metric
+    (top-1, swap accuracy, text→image R@1) in percent, with the chance level; the best value of a row in bold."""
+    import json
+
+    infos, values = {}, {}
+    chance: dict[str, dict[str, float]] = {}
+    order: list[tuple[str, str, str]] = []
+    for label, folder in evals.items():
+        folder = Path(folder)
+        summary = json.loads((folder / EVAL_SUMMARY_FILE).read_text())
+        infos[label] = summary.get("model_info") or {}
+        for name, d in (summary.get("datasets") or {}).items():
+            chance[name] = d.get("chance", {})
+        for r in read_results(folder):
+            if r["metric"] != _HEADLINE_METRIC.get(r["task"]):
+                continue
+            key = (r["dataset"], r["task"], r["mode"])
+            if r["mode"].startswith("regions-") and not r["mode"].endswith("@0"):
+                continue  # the α sweep stays in each model's own table
+            if key not in order:
+                order.append(key)
+            values[(label, key)] = r["value"]
+    labels = list(evals)
+    head = " | ".join(f"`{l}` ({infos[l].get('arch', '?')}, {infos[l].get('steps', '?')} steps)" for l in labels)
+    lines = ["## Models compared (same data, towers and steps)", "",
+             "Top-1 % on classification, % of images whose true descriptions beat the foil on swap, text→image R@1 "
+             "on retrieval; — = the model has no such mode (CLIP models have no region queries). Region scorers at "
+             "α = 0 (region score alone); each model's table below has the α sweep.", "",
+             f"| dataset | task | mode | chance | {head} |", "|---|---|---|---|" + "---|" * len(labels)]
+    for dataset, task, mode in order:
+        row = [values.get((l, (dataset, task, mode))) for l in labels]
+        present = [v for v in row if v is not None]
+        best = max(present) if len(present) > 1 else None
+        c = chance.get(dataset, {})
+        level = c.get("swap") if task == "swap" else c.get(_HEADLINE_METRIC[task])
+        cells = ["—" if v is None else (f"**{_pct(v)}**" if v == best else _pct(v)) for v in row]
+        lines.append(f"| {dataset} | {task} | {mode} | {'' if level is None else _pct(level)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

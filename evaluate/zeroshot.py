@@ -10,9 +10,25 @@ Modes (METHOD.md "Inference"; PEERS.md for DCLIP/WaffleCLIP):
   descriptor fall back to their ``names`` embedding when the policy allows empty lists.
 * ``waffle`` (WaffleCLIP control): the same with random-word descriptors (seeded; as many per class as the real
   descriptor file has on average). A description-based claim must beat this.
-* ``regions`` (GRAIN): region score for class c = mean over the image's region queries of the max cosine to c's
-  raw descriptors; logits = α · global + (1 − α) · region, global = the ``descriptions`` score. Reported for every
-  α of the sweep. Needs a model with region queries (grain / no_rd / no_box modes).
+* ``descriptors``: the global image embedding against the class's *raw* descriptors, no class name in the text:
+  class embedding = mean of the normalised descriptor embeddings, re-normalised. Defined for every model (CLIP
+  baselines included); the fair global mode for unseen classes whose names the text tower never saw.
+* ``regions-<scorer>@α`` (GRAIN): logits = α · global + (1 − α) · region score, for every α of the sweep; global =
+  ``evaluate.regions_global`` (``descriptions`` as the paper, or ``descriptors``). Region scorers (any number of
+  region queries; need a model with region queries — grain / no_rd / no_box):
+
+  - ``paper``: mean over the image's queries of the max cosine to the class's descriptors (METHOD.md; written for
+    5 queries — with one query per patch most queries are background and the mean drowns the signal);
+  - ``max``: mean over the class's descriptors of the max cosine over all queries (each description is looked for
+    *somewhere* in the image, so descriptions found on different objects add up: blind to binding);
+  - ``bind``: the ``max`` scorer restricted to one object: every query in turn is an anchor, and only queries whose
+    predicted box centre lies within ``bind_window`` × the anchor's predicted box width (height) of the anchor's
+    box centre, along x (y), may answer a description; the class takes its best anchor. A class scores high only
+    when *all* its descriptions are found next to each other, at the scale of the parts the model sees. With a
+    window that covers the image it equals ``max``.
+
+The ``swap`` task (synthetic swap split): per image, does a scorer rank the target's true descriptions above the
+foil (the same words with two part colours swapped; the foil's colour sits on the distractor)? Chance 50 %.
 
 Embeddings of a (model, dataset) pair are cached on disk (``EmbeddingCache``) so trying several modes or α values
 re-encodes nothing.
@@ -37,7 +53,8 @@ from grain.train.model import GrainModel, text_tokenizer
 @torch.no_grad()
 def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = False, desc: str = "images") -> dict[str, Tensor]:
-    """{"image_embed": [N,D]} (+ "region_embed": [N,Q,D] for decoder models), normalised, float32 on CPU."""
+    """{"image_embed": [N,D]} (+ "region_embed": [N,Q,D] and "boxes": [N,Q,4] (cx, cy, w, h in [0, 1]) for decoder
+    models), embeddings normalised, float32 on CPU."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -53,11 +70,13 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
             out["image_embed"].append(enc["image_embed"].float().cpu())
             if "region_embed" in enc:
                 out["region_embed"].append(enc["region_embed"].float().cpu())
+                out.setdefault("boxes", []).append(enc["boxes"].float().cpu())
             bar.update(len(idx))
     bar.close()
     result = {"image_embed": torch.cat(out["image_embed"]) if out["image_embed"] else torch.zeros(0, 0)}
     if out["region_embed"]:
         result["region_embed"] = torch.cat(out["region_embed"])
+        result["boxes"] = torch.cat(out["boxes"])
     return result
 
 
@@ -90,13 +109,17 @@ class EmbeddingCache:
     def path(self, dataset_fp: str) -> Path:
         return self.dir / f"{dataset_fp}.safetensors"
 
-    def get_or_compute(self, dataset_fp: str, compute: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], bool]:
-        """(embeddings, hit) — computes, stores atomically and returns on a miss."""
+    def get_or_compute(self, dataset_fp: str, compute: Callable[[], dict[str, Tensor]],
+                       required: Sequence[str] = ()) -> tuple[dict[str, Tensor], bool]:
+        """(embeddings, hit) — computes, stores atomically and returns on a miss (or when a cached file lacks one
+        of the ``required`` keys, e.g. boxes in a file written before they were cached)."""
         from safetensors.torch import load_file, save_file
 
         path = self.path(dataset_fp)
         if path.exists():
-            return load_file(str(path)), True
+            emb = load_file(str(path))
+            if all(k in emb for k in required):
+                return emb, True
         emb = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -168,17 +191,33 @@ def _vocab_words() -> list[str]:
     return _WORDS
 
 
-def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor], chunk: int = 256) -> Tensor:
-    """[N,C]: for class c, the mean over the Q region queries of the max cosine to c's descriptor embeddings.
+REGION_SCORERS = ("bind", "max", "paper")
 
-    region_embed [N,Q,D] normalised; class_descriptor_embeds: C tensors [n_c,D] (n_c ≥ 1), normalised.
-    """
-    n = region_embed.shape[0]
+
+def raw_descriptor_embeddings(text: TextEncoder, descriptors: Sequence[Sequence[str]]) -> Tensor:
+    """[C,D]: per class the mean of its raw descriptors' normalised embeddings (no class name), re-normalised."""
+    if any(len(d) == 0 for d in descriptors):
+        raise ValueError("every class needs at least one descriptor for the descriptors mode")
+    return torch.stack([F.normalize(text(list(d)).mean(dim=0), dim=-1) for d in descriptors])
+
+
+def _owners(class_descriptor_embeds: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
     sizes = [e.shape[0] for e in class_descriptor_embeds]
     if min(sizes, default=1) == 0:
         raise ValueError("every class needs at least one descriptor (or a fallback) for region scoring")
     flat = torch.cat(list(class_descriptor_embeds))  # [ΣN_c, D]
     owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return flat, owners, sizes
+
+
+def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor], chunk: int = 256) -> Tensor:
+    """The ``paper`` scorer, [N,C]: for class c, the mean over the Q region queries of the max cosine to c's
+    descriptor embeddings.
+
+    region_embed [N,Q,D] normalised; class_descriptor_embeds: C tensors [n_c,D] (n_c ≥ 1), normalised.
+    """
+    n = region_embed.shape[0]
+    flat, owners, sizes = _owners(class_descriptor_embeds)
     out = torch.empty(n, len(sizes))
     for start in range(0, n, chunk):
         sim = region_embed[start : start + chunk] @ flat.T  # [n,Q,ΣN_c]
@@ -186,3 +225,46 @@ def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor
         best = best.scatter_reduce(2, owners.expand(sim.shape[0], sim.shape[1], -1), sim, reduce="amax")
         out[start : start + chunk] = best.mean(dim=1)
     return out
+
+
+def bound_region_scores(region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
+                        window: float = 1.0, budget: int = 2**25) -> Tensor:
+    """The ``bind`` scorer (``max`` when ``boxes`` is None), [N,C].
+
+    For class c and anchor query a: the mean over c's descriptors of the max cosine over the queries q whose
+    predicted box centre is within ``window`` × a's box width/height of a's centre (|cx_q − cx_a| ≤ window·w_a and
+    |cy_q − cy_a| ≤ window·h_a; a itself always counts); the class score is the max over anchors.
+    region_embed [N,Q,D] and the descriptor embeddings normalised; boxes [N,Q,4] (cx, cy, w, h).
+    """
+    n, q = region_embed.shape[:2]
+    flat, owners, sizes = _owners(class_descriptor_embeds)
+    c = len(sizes)
+    mean_over = torch.zeros(flat.shape[0], c)
+    mean_over[torch.arange(flat.shape[0]), owners] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[owners]
+    if boxes is None:
+        sim = region_embed @ flat.T  # [N,Q,ΣN_c]
+        return sim.amax(dim=1) @ mean_over
+    out = torch.empty(n, c)
+    chunk = max(1, budget // max(1, q * q * flat.shape[0]))
+    for start in range(0, n, chunk):
+        sim = region_embed[start : start + chunk] @ flat.T  # [n,Q,ΣN_c]
+        b = boxes[start : start + chunk].float()
+        centres, extent = b[..., :2], window * b[..., 2:]
+        near = ((centres[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, :, None, :]).all(dim=-1)  # [n,A,Q]
+        near |= torch.eye(q, dtype=torch.bool)
+        masked = sim[:, None, :, :].masked_fill(~near[..., None], float("-inf"))  # [n,A,Q,ΣN_c]
+        per_anchor = masked.amax(dim=2) @ mean_over  # [n,A,C]
+        out[start : start + chunk] = per_anchor.amax(dim=1)
+    return out
+
+
+def score_regions(scorer: str, region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
+                  bind_window: float = 1.0) -> Tensor:
+    """[N,C] region scores of one of ``REGION_SCORERS``."""
+    if scorer == "paper":
+        return region_scores(region_embed, class_descriptor_embeds)
+    if scorer == "max":
+        return bound_region_scores(region_embed, None, class_descriptor_embeds)
+    if scorer == "bind":
+        return bound_region_scores(region_embed, boxes, class_descriptor_embeds, bind_window)
+    raise ValueError(f"unknown region scorer {scorer!r}; one of {', '.join(REGION_SCORERS)}")

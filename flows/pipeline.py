@@ -195,13 +195,26 @@ def full_pipeline(config: str | None = None, overrides: list[str] | None = None,
         for key, producer in stages.PRODUCER.items():
             if producer == name:
                 outs[key] = summary["model"] if key == "model" else summary["out"]
-    report = write_report(cfg, summaries, time.perf_counter() - t0)
-    return {"report": str(report), "eval": summaries["evaluate"]["out"], "model": outs.get("model", cfg.evaluate.model)}
+    compared: dict[str, dict[str, Any]] = {}
+    for mode in cfg.baselines:  # the same data, towers and steps; only train.mode differs
+        if mode == cfg.train.mode or cfg.evaluate.model:
+            continue
+        extra_overrides = [*(overrides or []), f"train.mode={mode}"]
+        base = {**common, "overrides": extra_overrides}
+        data = {k: outs[k] for k in ("samples", "descriptions", "regions") if k in outs}
+        trained = _subflow(train_flow, **base, **data, launcher=launcher)  # it reads only what its mode needs
+        compared[mode] = {"train": trained, "evaluate": _subflow(evaluate_flow, **base, model=trained["model"])}
+    report = write_report(cfg, summaries, time.perf_counter() - t0, compared)
+    return {"report": str(report), "eval": summaries["evaluate"]["out"], "model": outs.get("model", cfg.evaluate.model),
+            "baselines": {m: c["evaluate"]["out"] for m, c in compared.items()}}
 
 
-def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seconds: float) -> Path:
+def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seconds: float,
+                 compared: dict[str, dict[str, dict[str, Any]]] | None = None) -> Path:
     """The run's Markdown report (grain.stages.report_path) + a Markdown artifact: config summary, per-stage
-    folders/counts/timings, the eval table, the loss curve and contact sheet paths."""
+    folders/counts/timings, the comparison with the baselines (``cfg.baselines``), every eval table, the loss curve
+    and contact sheet paths."""
+    from grain.evaluate.run import comparison_table
     eval_dir = Path(summaries["evaluate"]["out"])
     skipped = [s for s in stages.STAGES if s not in summaries]
     lines = ["# grain pipeline report", "",
@@ -215,10 +228,21 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
         took = f"{st.get('wall_seconds', 0):.1f} s"
         this_run = f"cached (took {took} when it ran)" if st.get("reused") else took
         lines.append(f"| {name} | `{st['out']}` | {this_run} | {json.dumps(counts)} |")
+    for mode, c in (compared or {}).items():
+        for name in ("train", "evaluate"):
+            st = c[name]
+            took = f"{st.get('wall_seconds', 0):.1f} s"
+            lines.append(f"| {name} ({mode}) | `{st['out']}` | {f'cached (took {took} when it ran)' if st.get('reused') else took} | "
+                         f"{json.dumps({k: st[k] for k in ('steps', 'encoded', 'cached') if k in st})} |")
     if skipped:
         lines += ["", f"Not run (not needed by this config): {', '.join(skipped)}."]
-    table = eval_dir / stages.EVAL_TABLE_FILE
-    lines += ["", table.read_text() if table.exists() else "(no eval table)", ""]
+    evals = {cfg.train.mode if not cfg.evaluate.model else "model": eval_dir}
+    evals.update({mode: Path(c["evaluate"]["out"]) for mode, c in (compared or {}).items()})
+    if len(evals) > 1:
+        lines += ["", comparison_table(evals)]
+    for folder in evals.values():
+        table = folder / stages.EVAL_TABLE_FILE
+        lines += ["", table.read_text() if table.exists() else "(no eval table)", ""]
     if "train" in summaries:
         curve = Path(summaries["train"]["out"]) / "loss_curve.png"
         lines.append(f"Loss curve: `{curve}`" + ("" if curve.exists() else " (missing)"))

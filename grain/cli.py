@@ -238,6 +238,43 @@ def plan(
         typer.echo(f"not needed by this config: {', '.join(skipped)} (train.mode={cfg.train.mode})")
 
 
+bench_app = typer.Typer(help="Benchmarks that drive the pipeline's stages (their reports are in docs/).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("science")
+def bench_science(
+    bench: Annotated[Path, typer.Option("--bench", "-b", help="Benchmark file: the shared pipeline config, models, seeds.")] = Path("configs/bench/science.yaml"),
+    quick: Annotated[bool, typer.Option(help="The file's quick form (tiny data and steps): checks that every model "
+                                        "trains, every mode evaluates and the report is written (CI).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Report to write; default docs/results.md, or "
+                                                "<workdir>/science.md with --quick. Plots and results.json go to a "
+                                                "folder named after it.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Runs trained at a time (processes; torch threads = cores / jobs); default: the file's.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """GRAIN vs its baselines on the synthetic binding world: the same data, towers, steps and batch for every
+    model; every model scored in every mode it has (names, descriptions, class-name-free descriptors, waffle,
+    region scorers over an α sweep, the swap test, held-out caption retrieval); mean ± std over seeds; plots;
+    a Markdown report (docs/results.md). Finished runs are reused by fingerprint, so an interrupted benchmark
+    resumes where it stopped."""
+    from grain.evaluate.science import load_bench, run_bench
+    from grain.stages import workdir_path
+
+    try:
+        spec = load_bench(bench, quick, set_ or [])
+    except ConfigError as exc:
+        _fail(exc)
+    target = out or (workdir_path(spec.config()) / "science.md" if quick else Path("docs/results.md"))
+    command = " ".join(["grain bench science", *sys.argv[3:]])
+    try:
+        results = run_bench(spec, target, jobs=jobs, command=command.strip())
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"bench science: {len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min -> {target}")
+
+
 @app.command("describe-classes")
 def describe_classes(
     classes: Annotated[Path, typer.Argument(help="Text file with one class name per line (index = label).")],

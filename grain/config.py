@@ -10,6 +10,8 @@ code version; it names the stage's output folder (see ``grain.shards``).
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 import hashlib
 import json
@@ -105,9 +107,10 @@ class SyntheticConfig(_Frozen):
     """The built-in synthetic world (see docs/synthetic-world.md)."""
 
     seed: int = Field(0, description="World seed: classes, names and every image derive from it.")
-    split: Literal["train", "single", "distractor", "swap"] = Field(
+    split: Literal["train", "heldout", "single", "distractor", "swap"] = Field(
         "train",
         description="train: seen classes, several creatures per image, captions + part regions; "
+        "heldout: more images like train's from another random stream (never trained on: caption retrieval); "
         "single: one unseen creature per image; distractor: an unseen target plus a creature in the target's "
         "colours; swap: distractor images with a swapped-description foil in meta.",
     )
@@ -297,6 +300,12 @@ class TrainConfig(_Frozen):
     seed: int = Field(0, description="Seeds weights, data order and caption choice.")
     num_workers: int = Field(2, ge=1, description="Image decoding threads per process.", json_schema_extra=NOT_FINGERPRINTED)
     device: str = Field("auto", description="auto: cuda:<local rank> when available, else cpu.", json_schema_extra=NOT_FINGERPRINTED)
+    eval_every: int = Field(
+        0, ge=0, description="Every N steps (and at the last step), zero-shot accuracy on the first eval_images images "
+        "of each evaluate.datasets entry, logged to TensorBoard and metrics.jsonl (0 = off; docs/train.md).",
+        json_schema_extra=NOT_FINGERPRINTED,
+    )
+    eval_images: int = Field(100, ge=1, description="Images per dataset for train.eval_every.", json_schema_extra=NOT_FINGERPRINTED)
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard/progress log lines.", json_schema_extra=NOT_FINGERPRINTED)
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (the last step always writes one).", json_schema_extra=NOT_FINGERPRINTED)
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones deleted after a new one is complete).", json_schema_extra=NOT_FINGERPRINTED)
@@ -323,7 +332,8 @@ class EvalDatasetConfig(_Frozen):
         "Karpathy-split JSON for retrieval; samples: a samples/ folder with a label column.",
     )
     path: str | None = Field(None, description="Folder or file of the dataset (not for synthetic).")
-    split: str = Field("test", description="clip_benchmark / karpathy split; synthetic: single | distractor | swap.")
+    split: str = Field("test", description="clip_benchmark / karpathy split; synthetic: single | distractor | swap "
+                       "(classification; swap adds the swap task) or heldout (caption retrieval).")
     image_root: str | None = Field(None, description="list / karpathy: folder image paths are relative to.")
     classnames: str | None = Field(None, description="File with one class name per line (index = label), where the format needs it.")
     descriptors: str | None = Field(None, description="DCLIP-format JSON {class: [descriptors]}; synthetic: built in.")
@@ -333,8 +343,9 @@ class EvalDatasetConfig(_Frozen):
 
 
 def _default_eval_datasets() -> list[EvalDatasetConfig]:
-    return [EvalDatasetConfig(name="synthetic-single", kind="synthetic", split="single"),
-            EvalDatasetConfig(name="synthetic-distractor", kind="synthetic", split="distractor")]
+    return [EvalDatasetConfig(name="single", kind="synthetic", split="single"),
+            EvalDatasetConfig(name="distractor", kind="synthetic", split="distractor"),
+            EvalDatasetConfig(name="swap", kind="synthetic", split="swap")]
 
 
 class EvalConfig(_Frozen):
@@ -342,12 +353,23 @@ class EvalConfig(_Frozen):
 
     model: str | None = Field(None, description="Exported model folder; null = the train stage's model for this config.", json_schema_extra=NOT_FINGERPRINTED)
     datasets: list[EvalDatasetConfig] = Field(default_factory=_default_eval_datasets)
-    modes: list[Literal["names", "descriptions", "waffle", "regions"]] = Field(
-        default_factory=lambda: ["names", "descriptions", "waffle", "regions"], description="Classification modes to run."
+    modes: list[Literal["names", "descriptions", "descriptors", "waffle", "regions"]] = Field(
+        default_factory=lambda: ["names", "descriptions", "descriptors", "waffle", "regions"],
+        description="Classification modes to run (docs/evaluate.md); the swap task runs on synthetic swap splits.",
     )
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
                                 description="regions: the α sweep (α = weight of the global score).")
-    regions_global: Literal["descriptions", "names"] = Field("descriptions", description="regions: the global score's class embedding.")
+    regions_global: Literal["descriptions", "descriptors", "names"] = Field(
+        "descriptors", description="regions: the global score's class embedding (descriptions = the paper's DCLIP "
+        "sentences; descriptors = raw descriptors without the class name)."
+    )
+    region_scorers: list[Literal["bind", "max", "paper"]] = Field(
+        default_factory=lambda: ["bind", "max", "paper"],
+        description="regions: how region queries score a class (bind: all descriptions on one object; max: each "
+        "description anywhere; paper: mean over queries of the max over descriptors).",
+    )
+    bind_window: float = Field(1.0, gt=0, description="bind scorer: a query answers for the anchor's object when its "
+                               "box centre is within this many anchor box widths (heights) of the anchor's centre.")
     empty_descriptors: Literal["error", "names"] = Field(
         "error", description="A class with an empty descriptor list: error, or fall back to its name prompt."
     )
@@ -386,6 +408,12 @@ class PipelineConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
+    baselines: list[TrainModeName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["clip_desc"],
+        description="`grain run` / the full-pipeline flow also trains these train.mode values on the same data, "
+        "towers and steps, evaluates them, and puts them beside the main model in the report (e.g. [clip_desc]).",
+        json_schema_extra=NOT_FINGERPRINTED,
+    )
 
     @field_validator("workdir")
     @classmethod
@@ -420,6 +448,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded
+    return config_from_dict(data, overrides, where)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> PipelineConfig:
+    """A PipelineConfig from raw (YAML-like) data plus dotted overrides; ``data`` is not modified."""
+    data = copy.deepcopy(data)
     for item in overrides:
         _apply_override(data, item)
         where += f" + {item}"
@@ -484,8 +518,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             break
         child_model, is_list = _section_type(field_info.annotation) if model is not None else (None, False)
         if step not in node or node[step] is None:
-            if is_list or (model is not None and child_model is None and field_info is not None
-                           and not _is_dict(field_info.annotation)):
+            # a list or a dict field (train.weights) starts from its default, so one key can be changed alone
+            if is_list or (model is not None and child_model is None and field_info is not None):
                 default = field_info.get_default(call_default_factory=True) if field_info is not None else None
                 node[step] = _plain(default) if default is not None else ([] if is_list else {})
             else:

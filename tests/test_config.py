@@ -145,12 +145,14 @@ def test_every_config_key_is_documented():
 
 def test_overrides_address_list_items_and_free_dicts():
     cfg = load_config(None, ["evaluate.datasets[1].num_images=7", "evaluate.datasets[0].split=swap",
-                             "train.arch_overrides.decoder.layers=2"])
-    assert [d.num_images for d in cfg.evaluate.datasets] == [400, 7]  # the default list, item 1 changed
+                             "train.arch_overrides.decoder.layers=2", "train.weights.loss_rd=3"])
+    assert [d.num_images for d in cfg.evaluate.datasets] == [400, 7, 400]  # the default list, item 1 changed
     assert cfg.evaluate.datasets[0].split == "swap" and cfg.evaluate.datasets[1].split == "distractor"
     assert cfg.train.arch_overrides == {"decoder": {"layers": 2}}
-    with pytest.raises(ConfigError, match=r"has 2 item\(s\); index 2 is out of range"):
-        load_config(None, ["evaluate.datasets[2].path=x"])
+    # one key of a dict field with a default: the other keys keep their defaults
+    assert cfg.train.weights == {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 3.0}
+    with pytest.raises(ConfigError, match=r"has 3 item\(s\); index 3 is out of range"):
+        load_config(None, ["evaluate.datasets[3].path=x"])
     with pytest.raises(ConfigError, match="train.steps is a value"):
         load_config(None, ["train.steps.x=1"])
 

@@ -54,7 +54,8 @@ def test_all_four_modes_end_to_end_and_cached(models, tmp_path):
     first = evaluate(cfg, models["grain"], tmp_path / "out", workdir=tmp_path / "work", progress=False)
     rows = read_results(tmp_path / "out")
     assert rows == first.rows and first.encoded == 2 and first.cached == 0 and not first.skipped
-    modes = {"names", "descriptions", "waffle"} | {f"regions@{a:g}" for a in cfg.alphas}
+    modes = {"names", "descriptions", "descriptors", "waffle"} | {
+        f"regions-{scorer}@{a:g}" for scorer in ("bind", "max", "paper") for a in cfg.alphas}
     for dataset in ("single", "distractor"):
         got = {r["mode"] for r in rows if r["dataset"] == dataset}
         assert got == modes, got
@@ -63,11 +64,14 @@ def test_all_four_modes_end_to_end_and_cached(models, tmp_path):
         metrics = {r["metric"] for r in rows if r["dataset"] == dataset and r["mode"] == "names"}
         assert metrics == {"acc1", "acc5", "mean_per_class_recall"}
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| single | classification | regions@0.5 |" in table
-    # regions at α=1 is exactly the global (descriptions) score
+    assert "| single | classification | regions-bind@0.5 |" in table
+    assert "mode grain" in table and "chance" in table and "| single | classification | 48 | 20 | acc1 5.00 %" in table
+    # regions at α=1 is exactly the global score (evaluate.regions_global, default descriptors), whatever the scorer
     k = _by_key(rows)
     for dataset in ("single", "distractor"):
-        assert k[(dataset, "classification", "regions@1", "acc1")] == k[(dataset, "classification", "descriptions", "acc1")]
+        for scorer in ("bind", "max", "paper"):
+            assert (k[(dataset, "classification", f"regions-{scorer}@1", "acc1")]
+                    == k[(dataset, "classification", "descriptors", "acc1")])
 
     again = evaluate(cfg, models["grain"], tmp_path / "out2", workdir=tmp_path / "work", progress=False)
     assert again.encoded == 0 and again.cached == 2  # nothing re-encoded
@@ -110,7 +114,7 @@ def test_missing_and_duplicate_classes_fail_naming_them(models, tmp_path):
 
 def test_clip_model_has_no_regions_and_says_so(models, tmp_path):
     result = evaluate(_cfg(), models["clip"], tmp_path / "out", workdir=tmp_path / "w", progress=False)
-    assert {r["mode"] for r in result.rows} == {"names", "descriptions", "waffle"}
+    assert {r["mode"] for r in result.rows} == {"names", "descriptions", "descriptors", "waffle"}
     assert any("regions skipped" in s for s in result.skipped)
     assert "regions skipped" in (tmp_path / "out" / "results.md").read_text()
 

@@ -23,6 +23,7 @@ import pytest
 BIN = Path(sys.executable).parent
 TINY = """\
 workdir: {work}
+baselines: []
 ingest:
   num_shards: 2
   synthetic: {{num_images: 128}}
@@ -130,7 +131,7 @@ def test_deployment_run_then_cached_rerun_then_changed_train(served):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Completed" in proc.stdout
     reports = list((work / "reports").glob("*.md"))
-    assert len(reports) == 1 and "| single | classification | regions@0.5 |" in reports[0].read_text()
+    assert len(reports) == 1 and "| single | classification | regions-bind@0.5 |" in reports[0].read_text()
     assert list(work.glob("eval/*/results.parquet")) and list(work.glob("train/*/model/model.safetensors"))
     assert list(work.glob("train/*/loss_curve.png"))
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
@@ -285,16 +286,21 @@ def test_grain_run_with_prefects_temporary_server(tmp_path):
                PREFECT_LOGGING_LEVEL="INFO")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.format(work=tmp_path / "work", steps=4, every=4))
-    cmd = [str(BIN / "grain"), "run", "--config", str(cfg)]
+    # the main job's shape: the GRAIN model and a baseline on the same data, side by side in the report
+    cmd = [str(BIN / "grain"), "run", "--config", str(cfg), "--set", "baselines=[clip_desc]"]
     for expected in ("Completed", "Cached"):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         out = done.stdout + done.stderr
         assert "Traceback" not in out and "| single | classification | names |" in out
         states = re.findall(r"Task run '(\w+) [^']*' - Finished in state (\w+)", out)
-        assert sorted(s for s, _ in states) == sorted(["ingest", "describe", "ground", "train", "evaluate"]), states
+        assert sorted(s for s, _ in states) == sorted(["ingest", "describe", "ground", "train", "evaluate",
+                                                       "train", "evaluate"]), states
         assert {st for _, st in states} == {expected}, states
-        assert (out.count("| cached (took ") == 5) == (expected == "Cached")  # the report says what this run did
+        assert (out.count("| cached (took ") == 7) == (expected == "Cached")  # the report says what this run did
+        assert "Models compared" in out and "| single | classification | descriptors | 5.00 |" in out
+        assert re.search(r"\| `grain` \(grain-tiny, 4 steps\) \| `clip_desc` \(grain-tiny, 4 steps\) \|", out), out[-3000:]
+        assert "Model: mode clip_desc" in out and "Model: mode grain" in out
         url = re.search(r"http://127\.0\.0\.1:(\d+)/", out)
         assert url, out[-2000:]
         with socket.socket() as s:  # the temporary server is gone with the command

@@ -258,3 +258,29 @@ def test_bf16_autocast_trains(world, tmp_path):
     """precision=bf16 (what GPUs use by default) runs the same loop under autocast; losses stay finite."""
     result = _run(world, tmp_path / "bf16", _cfg(steps=3, precision="bf16"))
     assert result.bad_steps == 0 and all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "bf16"))
+
+
+def test_eval_every_logs_zero_shot_accuracy_and_leaves_the_weights_alone(world, tmp_path):
+    """train.eval_every through the stage registry (as `grain train` runs it): zeroshot/<dataset>/<mode> lines in
+    metrics.jsonl at the asked steps, and exactly the weights of a run without the probe."""
+    from grain.config import load_config
+    from grain.stages import TRAIN
+
+    sets = ["train.steps=6", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=2",
+            "train.checkpoint_every=6", "train.num_workers=1", f"workdir={tmp_path / 'work'}",
+            "evaluate.datasets=[{name: single, kind: synthetic, split: single, num_images: 24},"
+            " {name: swap, kind: synthetic, split: swap, num_images: 24}]"]
+    inputs = {"samples": world.samples, "descriptions": world.descriptions, "regions": world.regions}
+    TRAIN.run(load_config(None, sets + ["train.eval_every=3", "train.eval_images=10"]), inputs, tmp_path / "with")
+    TRAIN.run(load_config(None, sets), inputs, tmp_path / "without")
+    rows = [r for r in _metrics(tmp_path / "with") if any(k.startswith("zeroshot/") for k in r)]
+    assert [r["step"] for r in rows] == [3, 6]
+    keys = {k for k in rows[0] if k.startswith("zeroshot/")}
+    assert {"zeroshot/single/names", "zeroshot/single/descriptors", "zeroshot/single/regions-bind@0",
+            "zeroshot/single/regions-paper@0", "zeroshot/swap/regions-bind@0", "zeroshot/swap-swap/regions-bind@0",
+            "zeroshot/swap-swap/descriptors"} <= keys
+    assert all(0.0 <= rows[0][k] <= 1.0 for k in keys)
+    assert not any(k.startswith("zeroshot/") for r in _metrics(tmp_path / "without") for k in r)
+    a = load_file(str(tmp_path / "with" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "without" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -72,7 +72,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: GrainModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # fused: one kernel over all parameters — the same AdamW update, 8x faster than the per-tensor loop on a CPU
+    # (measured: 3.6 vs 29 ms per step for grain-tiny, whose 3.2M-row token table dominates the parameters)
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
     return opt, sched
 
@@ -191,12 +194,15 @@ def train(
     resume: str | None = "latest",
     progress: bool = True,
     export: bool = True,
+    probe: Callable[[GrainModel], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``cfg.mode`` on the joined stage folders; checkpoints and logs go to ``out_dir``.
 
     ``resume``: "latest" (default: continue from the newest complete checkpoint in out_dir/checkpoints, or start
     fresh), a checkpoint folder, or None (start fresh even if checkpoints exist — they are overwritten as the run
     reaches their steps). Returns a TrainResult; writes out_dir/model/ (the exported model) on rank 0 at the end.
+    ``probe`` (rank 0; grain.evaluate.probe.ZeroShotProbe): called every ``cfg.eval_every`` steps and at the last
+    step; its metrics are logged with the training scalars.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -294,6 +300,10 @@ def train(
                 window_t, window_n = now, 0
                 if is_main:
                     _log_metrics(writer, metrics_fh, step, last)
+            if probe is not None and is_main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                zs = probe(model)
+                last.update(zs)
+                _log_metrics(writer, metrics_fh, step, zs)
             if bar is not None:
                 bar.update(1)
                 if last:
@@ -357,6 +367,9 @@ def _log_metrics(writer: Any, fh: Any, step: int, metrics: dict[str, float]) -> 
     fh.flush()
     if writer is not None:
         for key, value in metrics.items():
+            if "/" in key:  # already a tag, e.g. zeroshot/<dataset>/<mode>
+                writer.add_scalar(key, value, step)
+                continue
             group = "loss" if key.startswith("loss") else "train"
             writer.add_scalar(f"{group}/{key}", value, step)
 

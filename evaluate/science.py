@@ -1,0 +1,501 @@
+"""The science benchmark (``grain bench science``): GRAIN against its baselines on the same data, fairly scored.
+
+A benchmark file (``configs/bench/science.yaml``) names a pipeline config shared by every model (the data, towers,
+steps, batch and evaluation), the models (each a list of dotted overrides, e.g. ``train.mode=clip_desc``) and the
+seeds. For every (model, seed) the runner plans the train and evaluate stages through the stage registry
+(grain.stages.plan) — so finished runs are reused by fingerprint and an interrupted benchmark resumes — trains
+with ``train.eval_every`` on (accuracy-vs-step curves), evaluates every mode, then writes a report: mean ± std over
+seeds, the GRAIN − baseline gaps per seed, the α sweep, plots (matplotlib), commands, commit, machine and wall time.
+
+``--quick`` applies the file's ``quick`` overrides (tiny data and steps): the CI smoke form, which checks only that
+every model trains, every mode evaluates and the report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grain.config import ConfigError, PipelineConfig, config_from_dict
+
+RESULTS_JSON = "results.json"
+
+
+# ------------------------------------------------------------------------------------------------ the bench file
+
+
+@dataclass
+class BenchModel:
+    name: str
+    overrides: list[str]
+    seeds: list[int]
+    summary: str = ""
+
+
+@dataclass
+class Bench:
+    path: Path
+    pipeline: dict[str, Any]
+    overrides: list[str]
+    models: list[BenchModel]
+    headline: tuple[str, str]
+    jobs: int
+    bar: dict[str, float] = field(default_factory=dict)
+    quick: bool = False
+    extra: list[str] = field(default_factory=list)  # the command line's --set overrides (part of overrides)
+    headline_mode: dict[str, str] = field(default_factory=dict)  # task -> the headline model's declared mode
+
+    def config(self, model: BenchModel | None = None, seed: int | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
+        overrides = list(self.overrides) + list(extra)
+        if model is not None:
+            overrides += model.overrides
+        if seed is not None:
+            overrides.append(f"train.seed={seed}")
+        return config_from_dict(self.pipeline, overrides, where=str(self.path))
+
+
+def load_bench(path: str | Path, quick: bool = False, overrides: Sequence[str] = ()) -> Bench:
+    """Read a benchmark file; ``quick`` applies its ``quick`` section (overrides and seeds)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"benchmark file not found: {path}") from None
+    known = {"pipeline", "set", "seeds", "models", "headline", "headline_mode", "jobs", "quick", "bar"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    base = list(raw.get("set", []))
+    q = raw.get("quick", {}) or {}
+    if quick:
+        base += list(q.get("set", []))
+        seeds = [int(s) for s in q.get("seeds", seeds)]
+    models = []
+    for name, spec in (raw.get("models") or {}).items():
+        spec = spec or {}
+        own = [int(s) for s in spec.get("seeds", seeds)]
+        if quick:
+            own = [s for s in own if s in seeds] or seeds[:1]
+        models.append(BenchModel(str(name), list(spec.get("set", [])), own, str(spec.get("summary", ""))))
+    if not models:
+        raise ConfigError(f"{path}: no models")
+    headline = tuple(raw.get("headline", [models[0].name, models[-1].name]))
+    names = [m.name for m in models]
+    for h in headline:
+        if h not in names:
+            raise ConfigError(f"{path}: headline model {h!r} is not one of the models {names}")
+    bench = Bench(path, raw.get("pipeline") or {}, base + list(overrides), models, headline,  # type: ignore[arg-type]
+                  int(raw.get("jobs", 1)), {k: float(v) for k, v in (raw.get("bar") or {}).items()}, quick,
+                  list(overrides), {str(k): str(v) for k, v in (raw.get("headline_mode") or {}).items()})
+    for m in models:  # every model's config must validate before anything runs
+        bench.config(m, m.seeds[0])
+    return bench
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _run_step(cfg: PipelineConfig, step: Any, **opts: Any) -> dict[str, Any] | None:
+    """Run ``step`` (its unfinished upstream first); None when it was already finished."""
+    for up in step.upstream.values():
+        _run_step(cfg, up)
+    if step.finished:
+        return None
+    return step.stage.run(cfg, step.inputs, step.out, **opts)
+
+
+def _job(bench_path: str, quick: bool, overrides: list[str], model: str, seed: int, threads: int) -> dict[str, Any]:
+    """Train and evaluate one (model, seed) in this process; returns what the report needs."""
+    import torch
+
+    from grain.evaluate.run import read_results
+    from grain.stages import plan
+
+    torch.set_num_threads(threads)
+    bench = load_bench(bench_path, quick, overrides)
+    spec = next(m for m in bench.models if m.name == model)
+    cfg = bench.config(spec, seed)
+    t0 = time.perf_counter()
+    train_step = plan(cfg, "train")
+    trained = _run_step(cfg, train_step)
+    t1 = time.perf_counter()
+    eval_step = plan(cfg, "evaluate")
+    evaluated = _run_step(cfg, eval_step)
+    t2 = time.perf_counter()
+    summary = json.loads((train_step.out / "summary.json").read_text())
+    curves = []
+    metrics = train_step.out / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            zs = {k: v for k, v in row.items() if k.startswith("zeroshot/")}
+            if zs:
+                curves.append({"step": row["step"], **zs})
+    return {"model": model, "seed": seed, "run": str(train_step.out), "eval": str(eval_step.out),
+            "train_seconds": summary.get("seconds"), "steps": summary.get("steps"),
+            "trained_now": trained is not None, "evaluated_now": evaluated is not None,
+            "wall_train": t1 - t0, "wall_eval": t2 - t1, "rows": read_results(eval_step.out), "curves": curves}
+
+
+def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: bool = True,
+              command: str = "") -> dict[str, Any]:
+    """Run every (model, seed) of ``bench`` and write the report to ``out`` (a .md path); returns the results."""
+    from grain.stages import plan
+
+    t0 = time.perf_counter()
+    jobs = max(1, jobs or bench.jobs)
+    cfg = bench.config()
+    data_step = plan(cfg, "ground")
+    _run_step(cfg, data_step)  # the shared data, once (ingest → describe → ground)
+    t_data = time.perf_counter() - t0
+    # longest first (decoder models), so the last runs to finish are short ones and no process idles long
+    work = sorted(((m.name, s) for m in bench.models for s in m.seeds),
+                  key=lambda w: not bench.config(_model(bench, w[0]), w[1]).train.mode_spec.decoder)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs: list[dict[str, Any]] = []
+    args = (str(bench.path), bench.quick, list(bench.extra))
+    if progress:
+        print(f"bench: {len(work)} runs ({', '.join(f'{m}/seed {s}' for m, s in work)}), {jobs} at a time", flush=True)
+    if jobs == 1:
+        for m, s in work:
+            runs.append(_job(*args, m, s, threads))
+            _report_progress(runs[-1], len(runs), len(work), progress)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_job, *args, m, s, threads) for m, s in work]
+            for fut in futures:
+                runs.append(fut.result())
+                _report_progress(runs[-1], len(runs), len(work), progress)
+    wall = time.perf_counter() - t0
+    results = {"bench": str(bench.path), "quick": bench.quick, "overrides": bench.overrides, "command": command,
+               "headline": list(bench.headline), "headline_mode": bench.headline_mode, "bar": bench.bar, "wall_seconds": wall, "data_seconds": t_data,
+               "jobs": jobs, "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "setup": setup(cfg), "models": {m.name: {"overrides": m.overrides, "seeds": m.seeds, "summary": m.summary}
+                                                for m in bench.models},
+               "runs": runs}
+    write_report(results, out)
+    return results
+
+
+def _model(bench: Bench, name: str) -> BenchModel:
+    return next(m for m in bench.models if m.name == name)
+
+
+def _report_progress(run: dict[str, Any], done: int, total: int, enabled: bool) -> None:
+    if enabled:
+        how = "trained" if run["trained_now"] else "reused"
+        print(f"bench: [{done}/{total}] {run['model']} seed {run['seed']}: {how} ({run['steps']} steps, "
+              f"{run['wall_train']:.0f} s) + eval {run['wall_eval']:.0f} s", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def setup(cfg: PipelineConfig) -> dict[str, Any]:
+    syn, t = cfg.ingest.synthetic, cfg.train
+    return {"train_images": syn.num_images, "image_size": syn.image_size, "seen_classes": syn.num_seen_classes,
+            "unseen_classes": 2 * syn.num_unseen_pairs, "arch": t.arch, "arch_overrides": t.arch_overrides,
+            "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "warmup_steps": t.warmup_steps,
+            "max_regions": t.max_regions, "weights": t.weights, "eval_every": t.eval_every,
+            "eval_images": t.eval_images,
+            "datasets": {d.name: {"split": d.split, "images": d.num_images} for d in cfg.evaluate.datasets},
+            "regions_global": cfg.evaluate.regions_global, "bind_window": cfg.evaluate.bind_window,
+            "alphas": cfg.evaluate.alphas}
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _metric(task: str) -> str:
+    return {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}[task]
+
+
+_RETRIEVAL = {"image_retrieval_recall@1": "text→image R@1", "image_retrieval_recall@5": "text→image R@5",
+              "text_retrieval_recall@1": "image→text R@1", "text_retrieval_recall@5": "image→text R@5"}
+
+
+def collect(results: dict[str, Any]) -> dict[tuple[str, str, str, str], dict[int, float]]:
+    """``{(model, dataset, task, mode): {seed: value}}``: top-1 (classification), truth-over-foil (swap), and
+    recall@1/5 in both directions (retrieval, one "mode" per metric)."""
+    table: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    for run in results["runs"]:
+        for r in run["rows"]:
+            if r["task"] == "retrieval":
+                if r["metric"] not in _RETRIEVAL:
+                    continue
+                mode = _RETRIEVAL[r["metric"]]
+            elif r["metric"] == _metric(r["task"]):
+                mode = r["mode"]
+            else:
+                continue
+            table.setdefault((run["model"], r["dataset"], r["task"], mode), {})[run["seed"]] = r["value"]
+    return table
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: Sequence[float]) -> str:
+    m, s = mean_std(values)
+    if m != m:
+        return "—"
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if len(values) > 1 else f"{100 * m:.1f}"
+
+
+def best_mode(table: dict[tuple[str, str, str, str], dict[int, float]], model: str, dataset: str, task: str,
+              prefix: str = "") -> str | None:
+    """The mode of ``model`` with the highest mean on (dataset, task), among modes starting with ``prefix``."""
+    cands = [(statistics.fmean(v.values()), mode) for (m, d, t, mode), v in table.items()
+             if m == model and d == dataset and t == task and mode.startswith(prefix) and v]
+    return max(cands)[1] if cands else None
+
+
+def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per eval set: the headline model in its declared mode (``headline_mode``, fixed before the run) vs the
+    baseline in its *best* mode on the mean (chosen after the run: the comparison errs in the baseline's favour),
+    with the per-seed gap (seeds the two share)."""
+    table = collect(results)
+    a, b = results["headline"]
+    declared = results.get("headline_mode") or {}
+    out = []
+    sets = sorted({(d, t) for (m, d, t, _) in table if t in ("classification", "swap")}, key=lambda x: (x[1], x[0]))
+    for dataset, task in sets:
+        ma = declared.get(task)
+        if ma is None or (a, dataset, task, ma) not in table:
+            ma = best_mode(table, a, dataset, task)
+        mb = best_mode(table, b, dataset, task)
+        if ma is None or mb is None:
+            continue
+        va, vb = table[(a, dataset, task, ma)], table[(b, dataset, task, mb)]
+        shared = sorted(set(va) & set(vb))
+        gaps = [va[s] - vb[s] for s in shared]
+        out.append({"dataset": dataset, "task": task, "a_mode": ma, "a": list(va.values()), "b_mode": mb,
+                    "b": list(vb.values()), "gap": gaps, "seeds": shared})
+    return out
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """``out`` (Markdown) + ``<out stem>/`` (plots, results.json)."""
+    out = Path(out)
+    assets = out.parent / out.stem
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / RESULTS_JSON).write_text(json.dumps(results, indent=1, default=str))
+    table = collect(results)
+    a, b = results["headline"]
+    st = results["setup"]
+    lines = [f"# Science benchmark: GRAIN vs its baselines on the synthetic binding world{' (quick)' if results['quick'] else ''}", "",
+             "Generated by `grain bench science` — do not edit by hand; rerun the command below to regenerate it.", "",
+             f"- command: `{results['command'] or 'grain bench science'}`",
+             f"- commit {results['commit']}, {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min "
+             f"({results['jobs']} runs at a time; data stages {results['data_seconds']:.0f} s)",
+             f"- machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+             f"{results['machine']['memory_gib']} GiB, torch {results['machine']['torch']}"
+             + (f", GPU {results['machine']['gpu']}" if results['machine'].get('gpu') else ", no GPU"),
+             f"- data: {st['train_images']} training images ({st['image_size']} px, {st['seen_classes']} seen classes); "
+             f"zero-shot on the {st['unseen_classes']} unseen classes (chance {100 / max(st['unseen_classes'], 1):.1f} %), "
+             + ", ".join(f"{k}: {v['split']} split, {v['images']} images" for k, v in st["datasets"].items()),
+             f"- every model: arch `{st['arch']}` {st['arch_overrides'] or ''}, {st['steps']} steps, batch "
+             f"{st['batch_size']}, lr {st['lr']}, warm-up {st['warmup_steps']}, max_regions {st['max_regions']}, "
+             f"loss weights {st['weights']}",
+             f"- region scoring: global part = `{st['regions_global']}`, bind window {st['bind_window']}, α ∈ {st['alphas']}",
+             "", "## Models", "", "| model | overrides | seeds | what |", "|---|---|---|---|"]
+    for name, m in results["models"].items():
+        lines.append(f"| `{name}` | {' '.join(f'`{o}`' for o in m['overrides']) or '—'} | {', '.join(map(str, m['seeds']))} | {m['summary']} |")
+    lines += ["", f"## Headline: `{a}` vs `{b}` (mean ± std over seeds, percent)", "",
+              f"`{a}`: the mode declared in the benchmark file before the run (`headline_mode`); `{b}`: its best "
+              "mode on the mean, picked after the run among every mode it has (the class-name-free `descriptors` "
+              "mode included) — a choice that favours the baseline. Gap = per-seed difference.", "",
+              f"| eval set | chance | `{a}` mode | `{a}` | `{b}` mode | `{b}` | gap | gap per seed |",
+              "|---|---|---|---|---|---|---|---|"]
+    heads = headline_rows(results)
+    for h in heads:
+        chance = "50" if h["task"] == "swap" else f"{100 / max(st['unseen_classes'], 1):.0f}"
+        label = f"{h['dataset']} ({h['task']})"
+        lines.append(f"| {label} | {chance} | `{h['a_mode']}` | {fmt(h['a'])} | `{h['b_mode']}` | {fmt(h['b'])} | "
+                     f"{fmt(h['gap'])} | {', '.join(f'{100 * g:+.1f}' for g in h['gap'])} |")
+    if results.get("bar"):
+        lines += ["", "### The bar (issue 14)", ""] + _bar_lines(results, heads, table)
+    # full table
+    lines += ["", "## Every model × mode (top-1 %, swap: % of images where the truth beats the foil)", ""]
+    datasets = sorted({(d, t) for (_, d, t, _) in table}, key=lambda x: (x[1] == "retrieval", x[1], x[0]))
+    for dataset, task in datasets:
+        modes = sorted({mode for (m, d, t, mode) in table if d == dataset and t == task},
+                       key=lambda s: (s.startswith("regions"), s))
+        lines += [f"### {dataset} — {task}", "", "| model | " + " | ".join(f"`{m}`" for m in modes) + " |",
+                  "|---|" + "---|" * len(modes)]
+        for name in results["models"]:
+            cells = [fmt(list(table.get((name, dataset, task, mode), {}).values())) for mode in modes]
+            if any(c != "—" for c in cells):
+                lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    plots = make_plots(results, table, assets)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
+    lines += ["## Runs", "", "| model | seed | steps | train s | eval s | run folder |", "|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| `{r['model']}` | {r['seed']} | {r['steps']} | {r['train_seconds'] or 0:.0f} | "
+                     f"{r['wall_eval']:.0f} | `{r['run']}` |")
+    lines += ["", "Modes: `names` / `descriptions` (DCLIP) / `waffle` carry the class name; `descriptors` scores the "
+              "global embedding against the raw descriptions; `regions-<scorer>@α` = α·global + (1−α)·region score "
+              "(`bind`: all of a class's descriptions on one object; `max`: each anywhere; `paper`: mean over queries "
+              "of the max over descriptions). `regions-*@1` equals the global mode. docs/evaluate.md has the definitions.", ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _bar_lines(results: dict[str, Any], heads: list[dict[str, Any]], table: Any) -> list[str]:
+    bar = results["bar"]
+    out = []
+    by = {(h["dataset"], h["task"]): h for h in heads}
+    checks = [("single", "classification", "single"), ("distractor", "classification", "distractor"),
+              ("swap", "swap", "swap")]
+    for key, task, label in checks:
+        h = next((v for (d, t), v in by.items() if t == task and key in d), None)
+        if h is None:
+            continue
+        need = bar.get(label)
+        if need is not None:
+            got = mean_std(h["a"])[0]
+            out.append(f"- `{results['headline'][0]}` on {label}: {100 * got:.1f} % (bar ≥ {100 * need:.0f} %): "
+                       f"{'met' if got >= need else '**not met**'}")
+        gap_need = bar.get(f"{label}_gap")
+        if gap_need is not None:
+            got = mean_std(h["gap"])[0]
+            out.append(f"- gap over `{results['headline'][1]}` on {label}: {100 * got:+.1f} points (bar ≥ "
+                       f"{100 * gap_need:.0f}): {'met' if got >= gap_need else '**not met**'}")
+    return out
+
+
+def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
+    """Accuracy by model and mode, the α sweep and accuracy-vs-step curves (PNG, matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    models = list(results["models"])
+    sets = sorted({(d, t) for (_, d, t, _) in table if t != "retrieval"}, key=lambda x: (x[1], x[0]))
+    # 1. best mode per model and eval set
+    if sets:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(models) / 3), 4))
+        width = 0.8 / max(len(models), 1)
+        for i, name in enumerate(models):
+            means, errs = [], []
+            for d, t in sets:
+                mode = best_mode(table, name, d, t)
+                m, s = mean_std(list(table.get((name, d, t, mode), {}).values())) if mode else (0.0, 0.0)
+                means.append(100 * m)
+                errs.append(100 * s)
+            ax.bar([j + i * width for j in range(len(sets))], means, width, yerr=errs, label=name, capsize=2)
+        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(sets))])
+        ax.set_xticklabels([f"{d}\n({t})" for d, t in sets])
+        ax.set_ylabel("best mode, % (mean ± std over seeds)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        ax.set_title("Accuracy by model (each model's best mode)")
+        fig.tight_layout()
+        paths.append(assets / "accuracy_by_model.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 2. α sweep of the headline model, per scorer and eval set
+    a = results["headline"][0]
+    sweep = {}
+    for (m, d, t, mode), v in table.items():
+        if m == a and t == "classification" and mode.startswith("regions-") and "@" in mode:
+            scorer, alpha = mode[len("regions-"):].split("@")
+            sweep.setdefault((d, scorer), []).append((float(alpha), mean_std(list(v.values()))[0]))
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (d, scorer), pts in sorted(sweep.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=f"{d} / {scorer}")
+        ax.set_xlabel("α (weight of the global score)")
+        ax.set_ylabel("top-1 %")
+        ax.set_title(f"`{a}`: region score + α · global")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(assets / "alpha_sweep.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 3. accuracy vs step (train.eval_every), mean over seeds
+    curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for run in results["runs"]:
+        for point in run["curves"]:
+            for key, value in point.items():
+                if key == "step":
+                    continue
+                curves.setdefault((run["model"], key), {}).setdefault(point["step"], []).append(value)
+    if curves:
+        keys = sorted({k for _, k in curves})
+        wanted = [k for k in keys if k.endswith("/descriptors") or "regions-bind" in k or k.endswith("regions-paper@0")]
+        wanted = wanted or keys
+        panels = sorted({k.split("/")[1] for k in wanted})
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            for (model, key), pts in sorted(curves.items()):
+                if key in wanted and key.split("/")[1] == panel:
+                    steps = sorted(pts)
+                    ax.plot(steps, [100 * statistics.fmean(pts[s]) for s in steps], marker=".",
+                            label=f"{model} {key.split('/')[-1]}")
+            ax.set_title(panel)
+            ax.set_xlabel("step")
+            ax.set_ylabel("held-out %")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(assets / "accuracy_vs_step.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def main_command(argv: Sequence[str] | None = None) -> str:
+    return "grain bench science " + " ".join(argv if argv is not None else sys.argv[3:])

@@ -1,0 +1,76 @@
+"""`grain bench science --quick`: the science benchmark end to end on tiny data (every model of
+configs/bench/science.yaml trains, every mode evaluates, the report, plots and results.json are written, and a
+rerun reuses every run by fingerprint), plus the report's arithmetic on hand-made results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grain.evaluate.science import headline_rows, load_bench, mean_std
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BENCH = ROOT / "configs" / "bench" / "science.yaml"
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    bench = load_bench(BENCH, quick=True)
+    models = [m.name for m in bench.models]
+    assert {"grain", "clip_desc", "clip", "no_rd", "no_box", "grain-paper"} <= set(models)
+    report = tmp_path / "science.md"
+    cmd = [str(BIN / "grain"), "bench", "science", "--quick", "--jobs", "1", "--out", str(report),
+           "--set", f"workdir={tmp_path / 'work'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count(": trained (") == len(models)
+
+    results = json.loads((tmp_path / "science" / "results.json").read_text())
+    assert sorted(r["model"] for r in results["runs"]) == sorted(models)
+    for run in results["runs"]:
+        got = {(r["dataset"], r["task"], r["mode"]) for r in run["rows"]}
+        decoder = run["model"] in ("grain", "no_rd", "no_box", "grain-paper")
+        for dataset in ("single", "distractor", "swap"):
+            for mode in ("names", "descriptions", "descriptors", "waffle"):
+                assert (dataset, "classification", mode) in got, (run["model"], dataset, mode)
+            for scorer in ("bind", "max", "paper"):
+                assert ((dataset, "classification", f"regions-{scorer}@0.5") in got) == decoder
+                assert (("swap", "swap", f"regions-{scorer}@0") in got) == decoder
+        assert ("swap", "swap", "descriptors") in got and ("heldout", "retrieval", "captions") in got
+        assert run["curves"] and {p["step"] for p in run["curves"]} == {3, 6}  # train.eval_every=3 of 6 steps
+
+    text = report.read_text()
+    for needle in ("## Headline: `grain` vs `clip_desc`", "### The bar", "single — classification",
+                   "swap — swap", "heldout — retrieval", "accuracy_by_model.png", "alpha_sweep.png",
+                   "accuracy_vs_step.png", "| `grain-paper` |"):
+        assert needle in text, needle
+    for png in ("accuracy_by_model.png", "alpha_sweep.png", "accuracy_vs_step.png"):
+        assert (tmp_path / "science" / png).stat().st_size > 1000
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert again.returncode == 0 and again.stdout.count(": reused (") == len(models), again.stdout[-2000:]
+
+
+def test_headline_gap_is_per_seed_and_the_baseline_gets_its_best_mode():
+    def rows(values):
+        return [{"dataset": "distractor", "task": "classification", "mode": m, "metric": "acc1", "value": v, "n": 10}
+                for m, v in values.items()]
+
+    results = {"headline": ["grain", "clip_desc"], "headline_mode": {"classification": "regions-bind@0"},
+               "runs": [
+                   {"model": "grain", "seed": 0, "rows": rows({"regions-bind@0": 0.8, "regions-paper@0": 0.9})},
+                   {"model": "grain", "seed": 1, "rows": rows({"regions-bind@0": 0.6, "regions-paper@0": 0.1})},
+                   {"model": "clip_desc", "seed": 0, "rows": rows({"names": 0.1, "descriptors": 0.3})},
+                   {"model": "clip_desc", "seed": 1, "rows": rows({"names": 0.2, "descriptors": 0.2})},
+               ]}
+    (row,) = headline_rows(results)
+    assert row["a_mode"] == "regions-bind@0"  # declared, not the best-looking mode
+    assert row["b_mode"] == "descriptors"  # the baseline's best mean (0.25 vs 0.15)
+    assert row["gap"] == pytest.approx([0.5, 0.4]) and row["seeds"] == [0, 1]
+    assert mean_std(row["gap"]) == pytest.approx((0.45, 0.0707106), rel=1e-5)

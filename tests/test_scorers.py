@@ -1,0 +1,99 @@
+"""Region scorers (paper / max / bind), the class-name-free descriptors mode and the swap task, on hand-built
+embeddings where the right answer is known, against naive loops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from grain.config import EvalConfig
+from grain.evaluate.run import _pair_accuracy, swap_task
+from grain.evaluate.zeroshot import bound_region_scores, raw_descriptor_embeddings, region_scores, score_regions
+
+
+def _naive_paper(regions, classes):
+    out = torch.zeros(regions.shape[0], len(classes))
+    for i in range(regions.shape[0]):
+        for c, d in enumerate(classes):
+            out[i, c] = sum(max(float(q @ e) for e in d) for q in regions[i]) / regions.shape[1]
+    return out
+
+
+def _naive_bind(regions, boxes, classes, window):
+    n, q = regions.shape[:2]
+    out = torch.zeros(n, len(classes))
+    for i in range(n):
+        for c, d in enumerate(classes):
+            best = -9.0
+            for a in range(q):
+                near = [j for j in range(q) if j == a or bool(((boxes[i, j, :2] - boxes[i, a, :2]).abs()
+                                                               <= window * boxes[i, a, 2:]).all())]
+                score = sum(max(float(regions[i, j] @ e) for j in near) for e in d) / len(d)
+                best = max(best, score)
+            out[i, c] = best
+    return out
+
+
+def _random_case(seed=0, n=5, q=7, d=8, classes=(3, 1, 4)):
+    g = torch.Generator().manual_seed(seed)
+    regions = F.normalize(torch.randn(n, q, d, generator=g), dim=-1)
+    boxes = torch.rand(n, q, 4, generator=g)
+    descs = [F.normalize(torch.randn(k, d, generator=g), dim=-1) for k in classes]
+    return regions, boxes, descs
+
+
+def test_scorers_equal_naive_loops():
+    regions, boxes, descs = _random_case()
+    assert torch.allclose(region_scores(regions, descs), _naive_paper(regions, descs), atol=1e-6)
+    for window in (0.2, 0.5, 1.0):
+        got = bound_region_scores(regions, boxes, descs, window, budget=50)  # tiny budget: several chunks
+        assert torch.allclose(got, _naive_bind(regions, boxes, descs, window), atol=1e-6)
+    # a window covering the image, and no boxes, are the `max` scorer
+    full = _naive_bind(regions, boxes, descs, 1e6)
+    assert torch.allclose(bound_region_scores(regions, boxes, descs, 1e6), full, atol=1e-6)
+    assert torch.allclose(score_regions("max", regions, boxes, descs), full, atol=1e-6)
+
+
+def test_bind_needs_all_descriptions_on_one_object_and_max_does_not():
+    # Object A on the left shows descriptions 0, 1, 2; object B on the right shows 3, 4, 5 (one-hot embeddings).
+    e = torch.eye(6)
+    regions = torch.stack([e[0], e[1], e[2], e[3], e[4], e[5]]).unsqueeze(0)  # [1, 6 queries, 6]
+    centres = torch.tensor([[0.2, 0.5], [0.25, 0.45], [0.15, 0.55], [0.8, 0.5], [0.75, 0.55], [0.85, 0.45]])
+    boxes = torch.cat([centres, torch.full((6, 2), 0.1)], dim=1).unsqueeze(0)  # windows reach ±0.1
+    truth = e[[0, 1, 2]]  # all on A
+    foil = e[[0, 1, 4]]   # two on A, one on B: every description is *somewhere* in the image
+    classes = [truth, foil]
+    maxed = score_regions("max", regions, boxes, classes)[0]
+    bound = score_regions("bind", regions, boxes, classes, 1.0)[0]
+    assert maxed[0] == maxed[1] == 1.0  # max cannot tell them apart
+    assert bound[0] == 1.0 and abs(float(bound[1]) - 2 / 3) < 1e-6  # bind can
+    assert score_regions("paper", regions, boxes, classes).shape == (1, 2)
+
+
+def test_descriptors_mode_is_the_normalised_mean_of_raw_descriptors():
+    table = {"a red head": torch.tensor([1.0, 0.0]), "a blue body": torch.tensor([0.0, 1.0]),
+             "a white tail": torch.tensor([0.6, 0.8])}
+
+    def text(texts):
+        return torch.stack([table[t] for t in texts])
+
+    got = raw_descriptor_embeddings(text, [["a red head", "a blue body"], ["a white tail"]])
+    assert torch.allclose(got, torch.tensor([[2 ** -0.5, 2 ** -0.5], [0.6, 0.8]]), atol=1e-6)
+
+
+def test_swap_task_counts_wins_and_half_ties():
+    assert _pair_accuracy(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])) == {"acc": 0.5, "n": 3}
+    e = torch.eye(3)
+    words = {"t": e[0], "f": e[1], "x": e[2]}
+
+    def text(texts):
+        return torch.stack([words[t] for t in texts])
+
+    # image 0's global embedding is the truth, image 1's the foil
+    emb = {"image_embed": torch.stack([e[0], e[1]]), "region_embed": torch.stack([e[[0, 2]], e[[1, 2]]]),
+           "boxes": torch.full((2, 2, 4), 0.5)}
+    pairs = [(["t"], ["f"]), (["t"], ["f"])]
+    out = swap_task(EvalConfig(), text, emb, pairs)
+    assert out[("swap", "descriptors")]["acc"] == 0.5
+    for scorer in ("bind", "max"):
+        assert out[("swap", f"regions-{scorer}@0")] == {"acc": 0.5, "n": 2}
