@@ -130,7 +130,10 @@ def test_grad_accumulation_is_exact(world):
         grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads[1].keys() == grads[3].keys() and len(grads[1]) > 50
     for name, g in grads[1].items():
-        assert torch.allclose(g, grads[3][name], atol=1e-6, rtol=1e-4), name
+        # float32 sums in another order: the absolute tolerance scales with the tensor's largest gradient (the
+        # positional embedding's reach ~5, where summation noise alone is ~2e-6)
+        scale = max(1.0, float(g.abs().max()))
+        assert torch.allclose(g, grads[3][name], atol=1e-6 * scale, rtol=1e-4), name
 
 
 def test_nan_guard_skips_and_stops(world, tmp_path):
