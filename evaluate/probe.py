@@ -23,9 +23,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: The metric reported per task.
-_HEADLINE = {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}
-
 
 def _head(data: Any, n: int) -> Any:
     """The first ``n`` images of a dataset (same loader: index i < n means the same image)."""
@@ -57,7 +54,7 @@ class ZeroShotProbe:
 
     @torch.no_grad()
     def __call__(self, model: Any) -> dict[str, float]:
-        from grain.evaluate.run import score_dataset
+        from grain.evaluate.run import HEADLINE_METRIC, score_dataset
         from grain.evaluate.zeroshot import TextEncoder, encode_images
 
         device = next(model.parameters()).device
@@ -72,7 +69,7 @@ class ZeroShotProbe:
                 scored.pop("skipped")
                 for (task, mode), metrics in scored.items():
                     where = name if task == "classification" else f"{name}-{task}"  # swap task: <name>-swap
-                    out[f"zeroshot/{where}/{mode}"] = float(metrics[_HEADLINE[task]])
+                    out[f"zeroshot/{where}/{mode}"] = float(metrics[HEADLINE_METRIC[task]])
             return out
         finally:
             model.train(was_training)

@@ -356,7 +356,8 @@ def markdown_table(rows: list[dict[str, Any]], skipped: list[str], model_dir: st
     return "\n".join(lines) + "\n"
 
 
-_HEADLINE_METRIC = {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}
+#: The one number per task that comparisons, the training probe and the science report quote.
+HEADLINE_METRIC = {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}
 
 
 def comparison_table(evals: dict[str, str | Path]) -> str:
@@ -374,7 +375,7 @@ def comparison_table(evals: dict[str, str | Path]) -> str:
         for name, d in (summary.get("datasets") or {}).items():
             chance[name] = d.get("chance", {})
         for r in read_results(folder):
-            if r["metric"] != _HEADLINE_METRIC.get(r["task"]):
+            if r["metric"] != HEADLINE_METRIC.get(r["task"]):
                 continue
             key = (r["dataset"], r["task"], r["mode"])
             if r["mode"].startswith("regions-") and not r["mode"].endswith("@0"):
@@ -394,7 +395,7 @@ def comparison_table(evals: dict[str, str | Path]) -> str:
         present = [v for v in row if v is not None]
         best = max(present) if len(present) > 1 else None
         c = chance.get(dataset, {})
-        level = c.get("swap") if task == "swap" else c.get(_HEADLINE_METRIC[task])
+        level = c.get("swap") if task == "swap" else c.get(HEADLINE_METRIC[task])
         cells = ["—" if v is None else (f"**{_pct(v)}**" if v == best else _pct(v)) for v in row]
         lines.append(f"| {dataset} | {task} | {mode} | {'' if level is None else _pct(level)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

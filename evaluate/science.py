@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from grain.config import ConfigError, PipelineConfig, config_from_dict
+from grain.evaluate.run import HEADLINE_METRIC
 
 RESULTS_JSON = "results.json"
 
@@ -250,10 +250,6 @@ def setup(cfg: PipelineConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def _metric(task: str) -> str:
-    return {"classification": "acc1", "swap": "acc", "retrieval": "image_retrieval_recall@1"}[task]
-
-
 _RETRIEVAL = {"image_retrieval_recall@1": "text→image R@1", "image_retrieval_recall@5": "text→image R@5",
               "text_retrieval_recall@1": "image→text R@1", "text_retrieval_recall@5": "image→text R@5"}
 
@@ -268,7 +264,7 @@ def collect(results: dict[str, Any]) -> dict[tuple[str, str, str, str], dict[int
                 if r["metric"] not in _RETRIEVAL:
                     continue
                 mode = _RETRIEVAL[r["metric"]]
-            elif r["metric"] == _metric(r["task"]):
+            elif r["metric"] == HEADLINE_METRIC[r["task"]]:
                 mode = r["mode"]
             else:
                 continue
@@ -495,7 +491,3 @@ def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
-
-
-def main_command(argv: Sequence[str] | None = None) -> str:
-    return "grain bench science " + " ".join(argv if argv is not None else sys.argv[3:])
