@@ -165,8 +165,12 @@ def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
         caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else meta.get("caption")
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
         record = RawRecord(uid=key, source=source, caption=caption, meta=meta)
+        if "regions" in meta:  # ground-truth regions (the composite world): the reference engines read them
+            record.regions, bad = parse_regions(meta.pop("regions"))
+            if bad:
+                record.problem = ("bad_regions", f"{tar_path.name}: key {key}: {bad}")
         if image_ext is None:
-            record.problem = ("missing_image", f"{tar_path.name}: key {key} has {sorted(files)} but no image member")
+            record.problem = record.problem or ("missing_image", f"{tar_path.name}: key {key} has {sorted(files)} but no image member")
         else:
             record.image = files[image_ext]
             record.meta.setdefault("member", f"{key}.{image_ext}")
@@ -181,6 +185,25 @@ def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
         yield RawRecord(uid=key, source=source, caption=row.get("caption"), meta=_jsonable(row), problem=problem)
     if tar_error and not sidecar and not groups:
         raise InputError(f"{tar_error} and there is no sidecar parquet to account for its rows")
+
+
+def parse_regions(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """A ``regions`` value of a webdataset ``KEY.json`` — ``[{"text": str, "box": [x0, y0, x1, y1]}, …]`` with
+    boxes normalised to the image (docs/data-format.md) — as the samples/ ``regions`` column; (None, why) if any
+    entry is malformed (the row is then quarantined as ``bad_regions``, never half-kept)."""
+    if not isinstance(value, list):
+        return None, f"'regions' is {type(value).__name__}, not a list"
+    out = []
+    for i, r in enumerate(value):
+        text = r.get("text") if isinstance(r, dict) else None
+        box = r.get("box") if isinstance(r, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            return None, f"regions[{i}] has no text"
+        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1)):
+            return None, f"regions[{i}] box {box!r} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+        out.append({"text": text.strip(), "box": [float(v) for v in box]})
+    return out, None
 
 
 def _read_sidecar(tar_path: Path) -> dict[str, dict[str, Any]]:

@@ -56,6 +56,11 @@ class Bench:
     quick: bool = False
     extra: list[str] = field(default_factory=list)  # the command line's --set overrides (part of overrides)
     headline_mode: dict[str, str] = field(default_factory=dict)  # task -> the headline model's declared mode
+    #: the world the data comes from: None = the pipeline's own source (the synthetic world); else a builder spec
+    #: ({kind: composite, out: folder, …}) run before anything is planned; "{world}" in the pipeline is its folder
+    world: dict[str, Any] | None = None
+    section: str = "synthetic"  # results.md section (and results-<section>.json) this benchmark writes
+    title: str = "Synthetic binding world"
 
     def config(self, model: BenchModel | None = None, seed: int | None = None, extra: Sequence[str] = ()) -> PipelineConfig:
         overrides = list(self.overrides) + list(extra)
@@ -73,12 +78,16 @@ def load_bench(path: str | Path, quick: bool = False, overrides: Sequence[str] =
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"benchmark file not found: {path}") from None
-    known = {"pipeline", "set", "seeds", "models", "headline", "headline_mode", "jobs", "quick", "bar"}
+    known = {"pipeline", "set", "seeds", "models", "headline", "headline_mode", "jobs", "quick", "bar", "world",
+             "section", "title"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
     seeds = [int(s) for s in raw.get("seeds", [0])]
     base = list(raw.get("set", []))
+    given = list(overrides)  # re-read by worker processes, world overrides included
+    world_overrides = [o for o in overrides if o.startswith("world.")]  # e.g. --set world.out=/tmp/w
+    overrides = [o for o in overrides if not o.startswith("world.")]
     q = raw.get("quick", {}) or {}
     if quick:
         base += list(q.get("set", []))
@@ -97,12 +106,48 @@ def load_bench(path: str | Path, quick: bool = False, overrides: Sequence[str] =
     for h in headline:
         if h not in names:
             raise ConfigError(f"{path}: headline model {h!r} is not one of the models {names}")
-    bench = Bench(path, raw.get("pipeline") or {}, base + list(overrides), models, headline,  # type: ignore[arg-type]
+    world = dict(raw["world"]) if raw.get("world") else None
+    pipeline = raw.get("pipeline") or {}
+    if world is None and world_overrides:
+        raise ConfigError(f"{path}: {world_overrides[0]!r}: this benchmark has no world section")
+    if world is not None:
+        if world.get("kind") != "composite" or not world.get("out"):
+            raise ConfigError(f"{path}: world needs kind: composite and out: <folder>")
+        if quick:
+            world.update(q.get("world") or {})
+        for o in world_overrides:
+            key, _, value = o[len("world."):].partition("=")
+            world[key] = yaml.safe_load(value)
+        pipeline = _substitute(pipeline, str(world["out"]))
+        base = [_substitute(o, str(world["out"])) for o in base]
+    bench = Bench(path, pipeline, base + list(overrides), models, headline,  # type: ignore[arg-type]
                   int(raw.get("jobs", 1)), {k: float(v) for k, v in (raw.get("bar") or {}).items()}, quick,
-                  list(overrides), {str(k): str(v) for k, v in (raw.get("headline_mode") or {}).items()})
+                  given, {str(k): str(v) for k, v in (raw.get("headline_mode") or {}).items()},
+                  world, str(raw.get("section", "synthetic")), str(raw.get("title", "Synthetic binding world")))
     for m in models:  # every model's config must validate before anything runs
         bench.config(m, m.seeds[0])
     return bench
+
+
+def _substitute(value: Any, world: str) -> Any:
+    """``"{world}"`` in every string of ``value`` (nested dicts/lists) replaced by the world's folder."""
+    if isinstance(value, str):
+        return value.replace("{world}", world)
+    if isinstance(value, list):
+        return [_substitute(v, world) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, world) for k, v in value.items()}
+    return value
+
+
+def build_bench_world(bench: Bench, progress: bool = True) -> dict[str, Any] | None:
+    """Build (or reuse, when unchanged) the benchmark's world; returns its manifest (None: no world section)."""
+    if bench.world is None:
+        return None
+    from grain.data.composite import CompositeConfig, build_world
+
+    spec = {k: v for k, v in bench.world.items() if k not in ("kind", "out")}
+    return build_world(CompositeConfig.from_dict(spec), bench.world["out"], progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -136,6 +181,7 @@ def _job(bench_path: str, quick: bool, overrides: list[str], model: str, seed: i
     evaluated = _run_step(cfg, eval_step)
     t2 = time.perf_counter()
     summary = json.loads((train_step.out / "summary.json").read_text())
+    eval_summary = json.loads((eval_step.out / "summary.json").read_text())
     curves = []
     metrics = train_step.out / "metrics.jsonl"
     if metrics.exists():
@@ -147,7 +193,8 @@ def _job(bench_path: str, quick: bool, overrides: list[str], model: str, seed: i
     return {"model": model, "seed": seed, "run": str(train_step.out), "eval": str(eval_step.out),
             "train_seconds": summary.get("seconds"), "steps": summary.get("steps"),
             "trained_now": trained is not None, "evaluated_now": evaluated is not None,
-            "wall_train": t1 - t0, "wall_eval": t2 - t1, "rows": read_results(eval_step.out), "curves": curves}
+            "wall_train": t1 - t0, "wall_eval": t2 - t1, "rows": read_results(eval_step.out), "curves": curves,
+            "datasets": eval_summary.get("datasets", {})}
 
 
 def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: bool = True,
@@ -157,6 +204,7 @@ def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: boo
 
     t0 = time.perf_counter()
     jobs = max(1, jobs or bench.jobs)
+    world = build_bench_world(bench, progress)
     cfg = bench.config()
     data_step = plan(cfg, "ground")
     _run_step(cfg, data_step)  # the shared data, once (ingest → describe → ground)
@@ -185,7 +233,8 @@ def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: boo
     results = {"bench": str(bench.path), "quick": bench.quick, "overrides": bench.overrides, "command": command,
                "headline": list(bench.headline), "headline_mode": bench.headline_mode, "bar": bench.bar, "wall_seconds": wall, "data_seconds": t_data,
                "jobs": jobs, "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "setup": setup(cfg), "models": {m.name: {"overrides": m.overrides, "seeds": m.seeds, "summary": m.summary}
+               "setup": setup(cfg, world), "section": bench.section, "title": bench.title,
+               "world": _world_summary(world), "models": {m.name: {"overrides": m.overrides, "seeds": m.seeds, "summary": m.summary}
                                                 for m in bench.models},
                "runs": runs}
     write_report(results, out)
@@ -235,14 +284,29 @@ def commit() -> str:
         return "unknown"
 
 
-def setup(cfg: PipelineConfig) -> dict[str, Any]:
+def _world_summary(world: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the report says about a built world (not the per-file rejection list)."""
+    if world is None:
+        return None
+    stamps = {k: v for k, v in world["stamps"].items() if k != "rejected_files"}
+    return {**{k: v for k, v in world.items() if k != "stamps"}, "stamps": stamps}
+
+
+def setup(cfg: PipelineConfig, world: dict[str, Any] | None = None) -> dict[str, Any]:
     syn, t = cfg.ingest.synthetic, cfg.train
-    return {"train_images": syn.num_images, "image_size": syn.image_size, "seen_classes": syn.num_seen_classes,
-            "unseen_classes": 2 * syn.num_unseen_pairs, "arch": t.arch, "arch_overrides": t.arch_overrides,
+    if world is None:
+        data = {"train_images": syn.num_images, "image_size": syn.image_size, "seen_classes": syn.num_seen_classes,
+                "unseen_classes": 2 * syn.num_unseen_pairs}
+    else:
+        wcfg = world["signature"]["config"]
+        data = {"train_images": wcfg["num_train"], "image_size": wcfg["size"], "seen_classes": len(world["seen"]),
+                "unseen_classes": len(world["heldout"])}
+    return {**data, "train_image_size": (t.arch_overrides or {}).get("vision_cfg", {}).get("image_size"),
+            "arch": t.arch, "arch_overrides": t.arch_overrides,
             "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "warmup_steps": t.warmup_steps,
             "max_regions": t.max_regions, "weights": t.weights, "eval_every": t.eval_every,
             "eval_images": t.eval_images,
-            "datasets": {d.name: {"split": d.split, "images": d.num_images} for d in cfg.evaluate.datasets},
+            "datasets": {d.name: {"kind": d.kind, "split": d.split, "images": d.num_images} for d in cfg.evaluate.datasets},
             "regions_global": cfg.evaluate.regions_global, "bind_window": cfg.evaluate.bind_window,
             "alphas": cfg.evaluate.alphas}
 
@@ -318,34 +382,120 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+#: results.md sections, in order: (section, results file in the assets folder)
+SECTIONS = (("synthetic", RESULTS_JSON), ("real", "results-real.json"))
+COST_JSON = "cost.json"
+
+
+def results_file(section: str) -> str:
+    return dict(SECTIONS).get(section, f"results-{section}.json")
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
-    """``out`` (Markdown) + ``<out stem>/`` (plots, results.json)."""
+    """Store ``results`` as its section's JSON in ``<out stem>/`` (with its plots), then write ``out`` (Markdown)
+    from every section stored there — the synthetic world, the real-photo composites, the cost model
+    (``cost.json``, bench/cost_model.py) — so one benchmark's rerun regenerates the whole page without rerunning
+    the others."""
     out = Path(out)
     assets = out.parent / out.stem
     assets.mkdir(parents=True, exist_ok=True)
-    (assets / RESULTS_JSON).write_text(json.dumps(results, indent=1, default=str))
+    section = results.get("section", "synthetic")
+    (assets / results_file(section)).write_text(json.dumps(results, indent=1, default=str))
+    return render_report(out)
+
+
+def render_report(out: Path) -> Path:
+    """``out`` from the section files in ``<out stem>/`` (see write_report)."""
+    out = Path(out)
+    assets = out.parent / out.stem
+    stored = []
+    known = [f for _, f in SECTIONS]
+    files = known + sorted(f.name for f in assets.glob("results-*.json") if f.name not in known)
+    for name in files:
+        if (assets / name).exists():
+            stored.append(json.loads((assets / name).read_text()))
+    quick = any(r.get("quick") for r in stored)
+    lines = [f"# Results: GRAIN vs its baselines{' (quick)' if quick else ''}", "",
+             "Generated by `grain bench science` (and `bench/cost_model.py` for the cost model) — do not edit by "
+             "hand; rerun the commands each section names to regenerate it. Sections: "
+             + ", ".join(f"[{r.get('title', 'Synthetic binding world')}](#{_anchor(r.get('title', 'Synthetic binding world'))})" for r in stored)
+             + (", [Cost at scale](#cost-at-scale)" if (assets / COST_JSON).exists() else "") + ".", ""]
+    for results in stored:
+        lines += _section_lines(results, assets)
+    if (assets / COST_JSON).exists():
+        lines += _cost_lines(assets / COST_JSON)
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _anchor(title: str) -> str:
+    return "".join(c for c in title.lower().replace(" ", "-") if c.isalnum() or c == "-")
+
+
+def _cost_lines(path: Path) -> list[str]:
+    try:
+        from grain import costs
+
+        return costs.report_lines(json.loads(path.read_text()))
+    except Exception as exc:  # the cost section must never break the benchmark's report
+        return ["## Cost at scale", "", f"(could not render {path}: {type(exc).__name__}: {exc})", ""]
+
+
+def _chance(results: dict[str, Any], dataset: str, task: str) -> str:
+    if task == "swap":
+        return "50"
+    for run in results["runs"]:
+        info = (run.get("datasets") or {}).get(dataset)
+        if info and info.get("classes"):
+            return f"{100 / info['classes']:.1f}"
+    return f"{100 / max(results['setup']['unseen_classes'], 1):.0f}"
+
+
+def _section_lines(results: dict[str, Any], assets: Path) -> list[str]:
     table = collect(results)
     a, b = results["headline"]
     st = results["setup"]
-    lines = [f"# Science benchmark: GRAIN vs its baselines on the synthetic binding world{' (quick)' if results['quick'] else ''}", "",
-             "Generated by `grain bench science` — do not edit by hand; rerun the command below to regenerate it.", "",
+    section = results.get("section", "synthetic")
+    title = results.get("title", "Synthetic binding world")
+    world = results.get("world")
+    datasets_info: dict[str, Any] = {}
+    for run in results["runs"]:
+        datasets_info.update(run.get("datasets") or {})
+
+    def describe(name: str, d: dict[str, Any]) -> str:
+        info = datasets_info.get(name, {})
+        if d.get("kind", "synthetic") == "synthetic":
+            return f"{name}: {d['split']} split, {d['images']} images"
+        size = f"{info.get('images', '?')} images" + (f", {info['classes']} classes" if info.get("classes") else "")
+        return f"{name}: {d.get('kind')}, {size}"
+
+    if world is None:
+        data_line = (f"- data: {st['train_images']} training images ({st['image_size']} px, {st['seen_classes']} seen "
+                     f"classes); zero-shot on the {st['unseen_classes']} unseen classes (chance "
+                     f"{100 / max(st['unseen_classes'], 1):.1f} %), ")
+    else:
+        data_line = (f"- data: {st['train_images']} composite training images (long side {st['image_size']} px, "
+                     f"trained at {st.get('train_image_size') or st['image_size']} px) from {st['seen_classes']} seen "
+                     f"categories; {st['unseen_classes']} held-out categories never pasted in training; ")
+    lines = [f"## {title}{' (quick)' if results['quick'] else ''}", "",
              f"- command: `{results['command'] or 'grain bench science'}`",
              f"- commit {results['commit']}, {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min "
              f"({results['jobs']} runs at a time; data stages {results['data_seconds']:.0f} s)",
              f"- machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
              f"{results['machine']['memory_gib']} GiB, torch {results['machine']['torch']}"
              + (f", GPU {results['machine']['gpu']}" if results['machine'].get('gpu') else ", no GPU"),
-             f"- data: {st['train_images']} training images ({st['image_size']} px, {st['seen_classes']} seen classes); "
-             f"zero-shot on the {st['unseen_classes']} unseen classes (chance {100 / max(st['unseen_classes'], 1):.1f} %), "
-             + ", ".join(f"{k}: {v['split']} split, {v['images']} images" for k, v in st["datasets"].items()),
+             data_line + ", ".join(describe(k, v) for k, v in st["datasets"].items()),
              f"- every model: arch `{st['arch']}` {st['arch_overrides'] or ''}, {st['steps']} steps, batch "
              f"{st['batch_size']}, lr {st['lr']}, warm-up {st['warmup_steps']}, max_regions {st['max_regions']}, "
              f"loss weights {st['weights']}",
              f"- region scoring: global part = `{st['regions_global']}`, bind window {st['bind_window']}, α ∈ {st['alphas']}",
-             "", "## Models", "", "| model | overrides | seeds | what |", "|---|---|---|---|"]
+             ""]
+    if world is not None:
+        lines += _world_lines(world)
+    lines += ["### Models", "", "| model | overrides | seeds | what |", "|---|---|---|---|"]
     for name, m in results["models"].items():
         lines.append(f"| `{name}` | {' '.join(f'`{o}`' for o in m['overrides']) or '—'} | {', '.join(map(str, m['seeds']))} | {m['summary']} |")
-    lines += ["", f"## Headline: `{a}` vs `{b}` (mean ± std over seeds, percent)", "",
+    lines += ["", f"### Headline: `{a}` vs `{b}` (mean ± std over seeds, percent)", "",
               f"`{a}`: the mode declared in the benchmark file before the run (`headline_mode`); `{b}`: its best "
               "mode on the mean, picked after the run among every mode it has (the class-name-free `descriptors` "
               "mode included) — a choice that favours the baseline. Gap = per-seed difference.", "",
@@ -353,29 +503,27 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
               "|---|---|---|---|---|---|---|---|"]
     heads = headline_rows(results)
     for h in heads:
-        chance = "50" if h["task"] == "swap" else f"{100 / max(st['unseen_classes'], 1):.0f}"
         label = f"{h['dataset']} ({h['task']})"
-        lines.append(f"| {label} | {chance} | `{h['a_mode']}` | {fmt(h['a'])} | `{h['b_mode']}` | {fmt(h['b'])} | "
-                     f"{fmt(h['gap'])} | {', '.join(f'{100 * g:+.1f}' for g in h['gap'])} |")
+        lines.append(f"| {label} | {_chance(results, h['dataset'], h['task'])} | `{h['a_mode']}` | {fmt(h['a'])} | "
+                     f"`{h['b_mode']}` | {fmt(h['b'])} | {fmt(h['gap'])} | {', '.join(f'{100 * g:+.1f}' for g in h['gap'])} |")
     if results.get("bar"):
-        lines += ["", "### The bar (issue 14)", ""] + _bar_lines(results, heads, table)
-    # full table
-    lines += ["", "## Every model × mode (top-1 %, swap: % of images where the truth beats the foil)", ""]
+        lines += ["", "#### The bar (issue 14)", ""] + _bar_lines(results, heads, table)
+    lines += ["", "### Every model × mode (top-1 %, swap: % of images where the truth beats the foil)", ""]
     datasets = sorted({(d, t) for (_, d, t, _) in table}, key=lambda x: (x[1] == "retrieval", x[1], x[0]))
     for dataset, task in datasets:
         modes = sorted({mode for (m, d, t, mode) in table if d == dataset and t == task},
                        key=lambda s: (s.startswith("regions"), s))
-        lines += [f"### {dataset} — {task}", "", "| model | " + " | ".join(f"`{m}`" for m in modes) + " |",
+        lines += [f"#### {dataset} — {task}", "", "| model | " + " | ".join(f"`{m}`" for m in modes) + " |",
                   "|---|" + "---|" * len(modes)]
         for name in results["models"]:
             cells = [fmt(list(table.get((name, dataset, task, mode), {}).values())) for mode in modes]
             if any(c != "—" for c in cells):
                 lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
         lines.append("")
-    plots = make_plots(results, table, assets)
+    plots = make_plots(results, table, assets, prefix="" if section == "synthetic" else f"{section}_")
     if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
-    lines += ["## Runs", "", "| model | seed | steps | train s | eval s | run folder |", "|---|---|---|---|---|---|"]
+        lines += ["### Plots", ""] + [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
+    lines += ["### Runs", "", "| model | seed | steps | train s | eval s | run folder |", "|---|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| `{r['model']}` | {r['seed']} | {r['steps']} | {r['train_seconds'] or 0:.0f} | "
                      f"{r['wall_eval']:.0f} | `{r['run']}` |")
@@ -383,8 +531,37 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
               "global embedding against the raw descriptions; `regions-<scorer>@α` = α·global + (1−α)·region score "
               "(`bind`: all of a class's descriptions on one object; `max`: each anywhere; `paper`: mean over queries "
               "of the max over descriptions). `regions-*@1` equals the global mode. docs/evaluate.md has the definitions.", ""]
-    out.write_text("\n".join(lines))
-    return out
+    return lines
+
+
+def _world_lines(world: dict[str, Any]) -> list[str]:
+    """The composite world: packages, the held-out split, the stamp filter, backgrounds, vocabulary overlap."""
+    sig = world["signature"]
+    cfg = sig["config"]
+    stamps = world["stamps"]
+    vocab = world.get("vocabulary") or {}
+    lines = ["### The world", "",
+             f"- built by `{sig['builder']}` from Debian packages "
+             + ", ".join(f"`{k}` {v}" for k, v in sig["packages"].items())
+             + f" (installed by scripts/setup_composite.sh, never committed); seed {cfg['seed']}, split seed "
+             f"{cfg['split_seed']}" + (f", held out by list {cfg['heldout']}" if cfg["heldout"] else
+                                       f", held-out fraction {cfg['heldout_fraction']}"),
+             f"- stamps: {stamps['usable']} usable; left out by the documented filter (docs/real-photos.md): "
+             + ", ".join(f"{k} {v}" for k, v in stamps["rejected"].items()),
+             f"- seen categories ({len(world['seen'])}): " + ", ".join(sorted(world["seen"].values())),
+             f"- **held-out categories** ({len(world['heldout'])}, never pasted in training): "
+             + ", ".join(f"{n} (`{f}`)" for f, n in sorted(world["heldout"].items(), key=lambda x: x[1])),
+             f"- backgrounds (mate-backgrounds photos): training {', '.join(world['backgrounds']['train'])}; "
+             f"evaluation only {', '.join(world['backgrounds']['eval'])}",
+             ]
+    if vocab:
+        shares = [v["descriptor_words_in_training"] for v in vocab.values()]
+        named = sum(v["name_in_training"] for v in vocab.values())
+        lines.append(f"- vocabulary: on average {100 * sum(shares) / len(shares):.0f} % of a held-out category's "
+                     f"descriptor words occur anywhere in training text (captions and region descriptions); "
+                     f"{named} of {len(vocab)} held-out class names do. Per category: "
+                     + ", ".join(f"{k} {100 * v['descriptor_words_in_training']:.0f} %" for k, v in sorted(vocab.items())))
+    return lines + [""]
 
 
 def _bar_lines(results: dict[str, Any], heads: list[dict[str, Any]], table: Any) -> list[str]:
@@ -410,7 +587,7 @@ def _bar_lines(results: dict[str, Any], heads: list[dict[str, Any]], table: Any)
     return out
 
 
-def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
+def make_plots(results: dict[str, Any], table: Any, assets: Path, prefix: str = "") -> list[Path]:
     """Accuracy by model and mode, the α sweep and accuracy-vs-step curves (PNG, matplotlib)."""
     import matplotlib
 
@@ -439,7 +616,7 @@ def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
         ax.legend(fontsize=8)
         ax.set_title("Accuracy by model (each model's best mode)")
         fig.tight_layout()
-        paths.append(assets / "accuracy_by_model.png")
+        paths.append(assets / f"{prefix}accuracy_by_model.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     # 2. α sweep of the headline model, per scorer and eval set
@@ -459,7 +636,7 @@ def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
         ax.set_title(f"`{a}`: region score + α · global")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        paths.append(assets / "alpha_sweep.png")
+        paths.append(assets / f"{prefix}alpha_sweep.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     # 3. accuracy vs step (train.eval_every), mean over seeds
@@ -487,7 +664,7 @@ def make_plots(results: dict[str, Any], table: Any, assets: Path) -> list[Path]:
             ax.set_ylabel("held-out %")
             ax.legend(fontsize=6)
         fig.tight_layout()
-        paths.append(assets / "accuracy_vs_step.png")
+        paths.append(assets / f"{prefix}accuracy_vs_step.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths

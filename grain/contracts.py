@@ -116,6 +116,7 @@ QUARANTINE_REASONS: dict[str, str] = {
     "missing_caption": "no caption text (null or empty after stripping)",
     "duplicate_uid": "a row with the same uid was already accepted",
     "bad_row": "the input row could not be parsed (malformed JSON/CSV line, wrong types)",
+    "bad_regions": "the row's ground-truth regions (webdataset KEY.json 'regions') are malformed",
 }
 
 SCHEMAS: dict[str, pa.Schema] = {
