@@ -275,6 +275,39 @@ def bench_science(
     typer.echo(f"bench science: {len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min -> {target}")
 
 
+@app.command("composite")
+def composite(
+    out: Annotated[Path, typer.Argument(help="Folder to write the world to (train/ shards, eval/ sets, world.json).")],
+    seed: Annotated[int, typer.Option(help="Seed of the training and evaluation images.")] = 0,
+    num_train: Annotated[int, typer.Option(help="Training images (1-3 stamps each).")] = 3000,
+    size: Annotated[int, typer.Option(help="Long side of every image in px (aspect 4:3, 1:1 or 3:4).")] = 128,
+    heldout: Annotated[Optional[list[str]], typer.Option(help="A held-out category (folder under the stamps root, "
+                                                         "e.g. animals/birds, or its class name); repeat it. Default: a fraction.")] = None,
+    heldout_fraction: Annotated[float, typer.Option(help="Share of the usable categories held out (without --heldout).")] = 0.25,
+    split_seed: Annotated[int, typer.Option(help="Seed of the held-out draw and of the background split.")] = 0,
+    eval_per_class: Annotated[int, typer.Option(help="Evaluation images per category (seen and held-out sets).")] = 10,
+    num_retrieval: Annotated[int, typer.Option(help="Images of the retrieval set.")] = 200,
+    force: Annotated[bool, typer.Option(help="Rebuild even when OUT holds the same world.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build the real-photo composite world (docs/real-photos.md): Debian's tuxpaint photo stamps pasted on
+    mate-backgrounds photos, with exact boxes, the stamps' caption sentences as region descriptions and coarse
+    captions, as img2dataset webdataset shards (ingest.source=webdataset, ingest.path=OUT/train; describe/ground
+    engine reference) plus evaluation sets: eval/seen and eval/heldout (ImageFolder + descriptors JSON) and
+    eval/retrieval.json (Karpathy). Needs `bash scripts/setup_composite.sh` once (apt-get)."""
+    from grain.data.composite import CompositeConfig, CompositeError, build_world
+
+    cfg = CompositeConfig(seed=seed, num_train=num_train, size=size, heldout=tuple(heldout or ()),
+                          heldout_fraction=heldout_fraction, split_seed=split_seed, eval_per_class=eval_per_class,
+                          num_retrieval=num_retrieval)
+    try:
+        manifest = build_world(cfg, out, progress=progress, force=force)
+    except CompositeError as exc:
+        _fail(exc)
+    typer.echo(f"composite world in {out}: {manifest['counts']['train_images']} training images from "
+               f"{len(manifest['seen'])} seen categories; held out: {', '.join(sorted(manifest['heldout'].values()))}")
+
+
 @app.command("describe-classes")
 def describe_classes(
     classes: Annotated[Path, typer.Argument(help="Text file with one class name per line (index = label).")],

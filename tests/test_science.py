@@ -74,3 +74,36 @@ def test_headline_gap_is_per_seed_and_the_baseline_gets_its_best_mode():
     assert row["b_mode"] == "descriptors"  # the baseline's best mean (0.25 vs 0.15)
     assert row["gap"] == pytest.approx([0.5, 0.4]) and row["seeds"] == [0, 1]
     assert mean_std(row["gap"]) == pytest.approx((0.45, 0.0707106), rel=1e-5)
+
+
+def test_quick_real_photo_benchmark_adds_its_section(tmp_path):
+    """The composite-world benchmark (configs/bench/real.yaml) builds its world, runs every model through the
+    webdataset ingest path and writes its section next to an existing one in the same report."""
+    report = tmp_path / "results.md"
+    assets = tmp_path / "results"
+    assets.mkdir()
+    (assets / "results.json").write_text(json.dumps({  # a stored synthetic section, rendered beside the new one
+        "quick": True, "headline": ["grain", "clip_desc"], "command": "grain bench science", "commit": "x",
+        "date": "d", "wall_seconds": 60, "data_seconds": 1, "jobs": 1,
+        "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 1, "torch": "t"},
+        "setup": {"train_images": 1, "image_size": 96, "seen_classes": 2, "unseen_classes": 2, "arch": "a",
+                  "arch_overrides": {}, "steps": 1, "batch_size": 1, "lr": 1, "warmup_steps": 0, "max_regions": 1,
+                  "weights": {}, "datasets": {}, "regions_global": "descriptors", "bind_window": 1, "alphas": [0]},
+        "models": {}, "runs": []}))
+    cmd = [str(BIN / "grain"), "bench", "science", "--bench", str(ROOT / "configs" / "bench" / "real.yaml"), "--quick",
+           "--jobs", "1", "--out", str(report), "--set", f"workdir={tmp_path / 'work'}",
+           "--set", f"world.out={tmp_path / 'world'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((assets / "results-real.json").read_text())
+    assert {r["model"] for r in results["runs"]} == {"grain", "clip_desc", "clip", "grain-paper"}
+    assert results["world"]["heldout"] and (tmp_path / "world" / "world.json").exists()
+    for run in results["runs"]:
+        got = {(r["dataset"], r["task"]) for r in run["rows"]}
+        assert {("seen", "classification"), ("heldout", "classification"), ("retrieval", "retrieval")} <= got
+        assert run["datasets"]["heldout"]["classes"] == len(results["world"]["heldout"])
+    text = report.read_text()
+    assert text.index("## Synthetic binding world") < text.index("## Real photos (composite world)")
+    for needle in ("**held-out categories**", "heldout (classification)", "real_accuracy_by_model.png"):
+        assert needle in text, needle
