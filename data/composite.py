@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from grain.data.synthetic import overlap_over_smaller
+
 #: Bump when the builder's output for the same config changes.
 BUILDER_VERSION = "composite/1"
 DEFAULT_STAMPS = "/usr/share/tuxpaint/stamps"
@@ -305,16 +307,6 @@ def _canvas(rng: np.random.Generator, cfg: CompositeConfig, backgrounds: list[tu
     return canvas, _family(Path(path))
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over the smaller box."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return iw * ih / small
-
-
 def paste(rng: np.random.Generator, cfg: CompositeConfig, canvas: Image.Image, stamps: list[Stamp]) -> list[dict[str, Any]]:
     """Paste ``stamps`` on ``canvas`` (in place) at random scales and positions, each fully inside the image and
     overlapping an earlier one by at most 20 % of the smaller box; a stamp that finds no place in 30 tries is left
@@ -336,7 +328,7 @@ def paste(rng: np.random.Generator, cfg: CompositeConfig, canvas: Image.Image, s
         for _ in range(30):
             x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             box = (x + opaque[0], y + opaque[1], x + opaque[2], y + opaque[3])
-            if all(_overlap(box, p["box_px"]) <= 0.2 for p in placed):
+            if all(overlap_over_smaller(box, p["box_px"]) <= 0.2 for p in placed):
                 break
         else:
             continue

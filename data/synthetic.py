@@ -22,6 +22,7 @@ import hashlib
 import io
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -401,7 +402,7 @@ def _extent(cx: float, cy: float, scale: float, facing: int, size: int) -> tuple
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def _overlap(box: tuple[float, ...], other: tuple[float, ...]) -> float:
+def overlap_over_smaller(box: Sequence[float], other: Sequence[float]) -> float:
     """Intersection area over the smaller box's area."""
     w = min(box[2], other[2]) - max(box[0], other[0])
     h = min(box[3], other[3]) - max(box[1], other[1])
@@ -432,7 +433,7 @@ def _place(rng: np.random.Generator, creatures: list[_Creature], size: int, requ
                 for _ in range(40):
                     cx, cy = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
                     box = (cx + x0, cy + y0, cx + x1, cy + y1)
-                    if all(_overlap(box, other) <= _MAX_OVERLAP for other in boxes):
+                    if all(overlap_over_smaller(box, other) <= _MAX_OVERLAP for other in boxes):
                         found = (cx, cy, box)
                         break
             if found is not None:
@@ -531,7 +532,7 @@ def _draw_clutter(
             x0 = rng.uniform(1.0, size - 1.0 - side)
             y0 = rng.uniform(1.0, size - 1.0 - side)
             box = (x0 - 1.0, y0 - 1.0, x0 + side + 1.0, y0 + side + 1.0)
-            if all(_overlap(box, other) == 0.0 for other in avoid):
+            if all(overlap_over_smaller(box, other) == 0.0 for other in avoid):
                 break
         else:
             continue

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -213,7 +215,7 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
                  compared: dict[str, dict[str, dict[str, Any]]] | None = None) -> Path:
     """The run's Markdown report (grain.stages.report_path) + a Markdown artifact: config summary, per-stage
     folders/counts/timings, the comparison with the baselines (``cfg.baselines``), every eval table, the loss curve
-    and contact sheet paths."""
+    and contact sheet paths, and the cost model with this run's images/s per stage (:func:`cost_section`)."""
     from grain.evaluate.run import comparison_table
     eval_dir = Path(summaries["evaluate"]["out"])
     skipped = [s for s in stages.STAGES if s not in summaries]
@@ -249,12 +251,32 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
     sheet = summaries.get("ground", {}).get("contact_sheet")
     if sheet:
         lines.append(f"Contact sheet (boxes of the ground stage): `{sheet}`")
+    lines += ["", *cost_section(cfg, summaries, compared)]
     text = "\n".join(lines) + "\n"
     out = stages.report_path(cfg, eval_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     create_markdown_artifact(markdown=text, key="grain-report", description="grain pipeline report")
     return out
+
+
+def cost_section(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]],
+                 compared: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[str]:
+    """The report's "Cost at scale" section (grain.costs, docs/cost-model.md): FLOPs per image of the paper-size
+    models (stored counts: no model is built here), GPU-hours for CC3M/CC12M, and this run's measured images/s per
+    stage. A failure is reported in the section, never raised: the report is written either way."""
+    try:
+        from grain import costs
+
+        runs = {**summaries, **{f"train ({mode})": c["train"] for mode, c in (compared or {}).items()}}
+        engines = {"ingest": cfg.ingest.source, "describe": cfg.describe.engine, "ground": cfg.ground.engine,
+                   "train": f"{cfg.train.arch} {cfg.train.mode}, batch {cfg.train.batch_size}"}
+        engines.update({f"train ({mode})": f"{cfg.train.arch} {mode}, batch {cfg.train.batch_size}" for mode in compared or {}})
+        measured = costs.measured_throughput(runs, batch_size=cfg.train.batch_size, engines=engines)
+        machine = f"{platform.machine()}, {os.cpu_count()} cores; train device `{cfg.train.device}`"
+        return costs.markdown_lines(costs.cost_model(), measured, heading="##", machine=machine)
+    except Exception as exc:  # noqa: BLE001 - the report must not fail on its cost section
+        return ["## Cost at scale", "", f"Not available: {type(exc).__name__}: {exc}"]
 
 
 ALL_FLOWS = {"full-pipeline": full_pipeline, **FLOWS}

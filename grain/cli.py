@@ -252,6 +252,9 @@ def bench_science(
                                                 "<workdir>/science.md with --quick. Plots and results.json go to a "
                                                 "folder named after it.")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Runs trained at a time (processes; torch threads = cores / jobs); default: the file's.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Only these models (comma-separated names of the file's models; "
+                                                  "must include the two headline models).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Only these seeds (comma-separated), e.g. for a one-seed diagnosis.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """GRAIN vs its baselines on the synthetic binding world: the same data, towers, steps and batch for every
@@ -264,7 +267,8 @@ def bench_science(
 
     try:
         spec = load_bench(bench, quick, set_ or [])
-    except ConfigError as exc:
+        spec.select(models.split(",") if models else None, [int(x) for x in seeds.split(",")] if seeds else None)
+    except (ConfigError, ValueError) as exc:
         _fail(exc)
     target = out or (workdir_path(spec.config()) / "science.md" if quick else Path("docs/results.md"))
     command = " ".join(["grain bench science", *sys.argv[3:]])
