@@ -199,3 +199,19 @@ def test_malformed_regions_are_quarantined(tmp_path):
     assert [r["uid"] for r in kept] == ["a"] and kept[0]["regions"][0]["text"] == "a red square"
     assert sorted((r["uid"], r["reason"]) for r in quarantined) == [("b", "bad_regions"), ("c", "bad_regions")]
     assert all(r["image"] for r in quarantined)  # the raw bytes are kept with the reason
+
+
+def test_cli_builds_a_world_and_names_an_unknown_category(tmp_path):
+    import subprocess
+    import sys
+
+    grain = str(Path(sys.executable).parent / "grain")
+    small = ["--num-train", "4", "--eval-per-class", "1", "--num-retrieval", "2", "--no-progress"]
+    done = subprocess.run([grain, "composite", str(tmp_path / "w"), *small, "--heldout", "animals/birds"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["heldout"] == {"animals/birds": "bird"}
+    bad = subprocess.run([grain, "composite", str(tmp_path / "x"), *small, "--heldout", "unicorns"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unicorns" in bad.stderr and "animals/birds" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
