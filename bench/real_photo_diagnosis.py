@@ -56,14 +56,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="docs/results/results-real.json", help="results JSON of the real-photo benchmark")
     ap.add_argument("--datasets", default="seen,heldout", help="eval sets (names in the benchmark's config)")
+    ap.add_argument("--set", dest="overrides", action="append", default=None,
+                    help="the benchmark's --set overrides (default: those the results JSON recorded), e.g. world.out=…")
+    ap.add_argument("--seeds", default=None, help="only these seeds (comma-separated)")
     args = ap.parse_args()
     results = json.loads(Path(args.results).read_text())
     wanted = args.datasets.split(",")
-    bench = load_bench(results["bench"], results["quick"])
-    datasets = [d for d in bench.config(extra=results["overrides"]).evaluate.datasets
+    bench = load_bench(results["bench"], results["quick"], args.overrides or results.get("extra") or [])
+    datasets = [d for d in bench.config().evaluate.datasets
                 if d.name in wanted and d.kind == "image_folder"]
     table: dict[tuple[str, str, str], list[float]] = {}
     for run in results["runs"]:
+        if args.seeds and str(run["seed"]) not in args.seeds.split(","):
+            continue
         model_dir = Path(run["run"]) / "model"
         model = load_model(model_dir, device="cpu")
         text = TextEncoder(model, "cpu")

@@ -249,7 +249,8 @@ def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: boo
                 runs.append(fut.result())
                 _report_progress(runs[-1], len(runs), len(work), progress)
     wall = time.perf_counter() - t0
-    results = {"bench": str(bench.path), "quick": bench.quick, "overrides": bench.overrides, "command": command,
+    results = {"bench": str(bench.path), "quick": bench.quick, "overrides": bench.overrides, "extra": bench.extra,
+               "command": command,
                "headline": list(bench.headline), "headline_mode": bench.headline_mode, "bar": bench.bar, "wall_seconds": wall, "data_seconds": t_data,
                "jobs": jobs, "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "setup": setup(cfg, world), "section": bench.section, "title": bench.title,
@@ -584,6 +585,9 @@ def _world_lines(world: dict[str, Any]) -> list[str]:
                      f"descriptor words occur anywhere in training text (captions and region descriptions); "
                      f"{named} of {len(vocab)} held-out class names do. Per category: "
                      + ", ".join(f"{k} {100 * v['descriptor_words_in_training']:.0f} %" for k, v in sorted(vocab.items())))
+    lines.append("- reading these numbers: [real-photos.md](real-photos.md#what-the-benchmark-found-and-why) (why the "
+                 "held-out categories sit at chance; `bench/real_photo_diagnosis.py` re-scores these models with a "
+                 "max instead of a mean over a category's alternative stamp sentences)")
     return lines + [""]
 
 
