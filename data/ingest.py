@@ -17,7 +17,7 @@ from typing import Any
 from grain.config import IngestConfig
 from grain.contracts import SAMPLES_SCHEMA
 from grain.data.images import ImageRejected, normalise_image
-from grain.data.readers import RawRecord, plan_shards, read_shard
+from grain.data.readers import RawRecord, check_inputs, plan_shards, read_shard
 from grain.shards import Shard, ShardSink, StageResult, run_stage
 from grain.stages import INGEST
 
@@ -37,6 +37,7 @@ def ingest(
     Finished shards are skipped, so a rerun after a crash redoes only unfinished shards and a warm rerun does
     no work. ``rank``/``world_size`` split the shards between processes or machines.
     """
+    check_inputs(cfg)  # layout errors (not Parquet, a missing column, no rows) before anything is written
     shards = plan_shards(cfg)
     upstream = INGEST.upstream(cfg, {})
     return run_stage(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grain.config import IngestConfig
@@ -218,34 +219,114 @@ def _read_sidecar(tar_path: Path) -> dict[str, dict[str, Any]]:
     return {str(r["key"]): r for r in rows if r.get("key") is not None}
 
 
-def read_parquet_file(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
-    """Rows of an img2dataset / HF-style parquet file, streamed batch by batch."""
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
+def parquet_columns(cfg: IngestConfig, path: Path, names: list[str]) -> tuple[str, str, str | None]:
+    """(image, caption, uid or None) columns of a parquet file; InputError naming the column, the config key and the
+    columns that exist when a configured one is missing. The caption falls back to ``text``/``txt`` only while
+    ``ingest.caption_column`` is left at its default ``caption`` (a name the user typed is never swapped for another)."""
     image_col = cfg.image_column or next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
     if image_col is None or image_col not in names:
         raise InputError(f"{path}: no image column (looked for {cfg.image_column or IMAGE_COLUMN_CANDIDATES}); columns are {names}; set ingest.image_column")
-    caption_col = cfg.caption_column if cfg.caption_column in names else next((c for c in ("caption", "text", "txt") if c in names), None)
+    if cfg.caption_column in names:
+        caption_col = cfg.caption_column
+    elif cfg.caption_column == "caption" and (fallback := next((c for c in ("text", "txt") if c in names), None)):
+        caption_col = fallback
+    else:
+        raise InputError(f"{path}: no caption column {cfg.caption_column!r} (ingest.caption_column); columns are {names}")
     uid_col = cfg.uid_column or ("key" if "key" in names else None)
     if uid_col is not None and uid_col not in names:
         raise InputError(f"{path}: ingest.uid_column {uid_col!r} is not a column; columns are {names}")
+    return image_col, caption_col, uid_col
+
+
+def table_columns(cfg: IngestConfig, path: Path, columns: list[str]) -> str:
+    """The image-path column of a csv/jsonl list; InputError naming the missing column (image, caption or uid)
+    and listing the columns that exist."""
+    image_col = cfg.image_column or next((c for c in PATH_COLUMN_CANDIDATES if c in columns), None)
+    if image_col is None or image_col not in columns:
+        raise InputError(f"{path}: no image path column (looked for {cfg.image_column or PATH_COLUMN_CANDIDATES}); "
+                         f"columns are {columns}; set ingest.image_column")
+    if cfg.caption_column not in columns:
+        raise InputError(f"{path}: no caption column {cfg.caption_column!r} (ingest.caption_column); columns are {columns}")
+    if cfg.uid_column and cfg.uid_column not in columns:
+        raise InputError(f"{path}: ingest.uid_column {cfg.uid_column!r} is not a column; columns are {columns}")
+    return image_col
+
+
+def check_inputs(cfg: IngestConfig) -> None:
+    """Fail before any output is written when the input cannot work as configured: a file that is not Parquet, a
+    configured (or required) column that is missing, or an input without a single row. Per-row problems are not
+    errors: they are quarantined while the stage runs."""
+    if cfg.source == "parquet":
+        rows = 0
+        for f in input_files(cfg):
+            try:
+                meta = pq.ParquetFile(f)
+            except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for non-Parquet bytes
+                raise InputError(f"{f}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+            schema = meta.schema_arrow
+            image_col, caption_col, _ = parquet_columns(cfg, f, schema.names)
+            ctype = schema.field(caption_col).type
+            if not (pa.types.is_string(ctype) or pa.types.is_large_string(ctype) or pa.types.is_null(ctype)):
+                raise InputError(f"{f}: caption column {caption_col!r} has type {ctype}, not string; point "
+                                 f"ingest.caption_column at the text column (columns: {schema.names})")
+            itype = schema.field(image_col).type
+            if not (pa.types.is_binary(itype) or pa.types.is_large_binary(itype) or pa.types.is_struct(itype)
+                    or pa.types.is_null(itype)):
+                raise InputError(f"{f}: image column {image_col!r} has type {itype}, not binary (encoded image "
+                                 f"bytes) or an {{bytes, path}} struct; set ingest.image_column (columns: {schema.names})")
+            rows += meta.metadata.num_rows
+        if rows == 0:
+            raise InputError(f"ingest.path {cfg.path!r}: the Parquet files hold no rows")
+    elif cfg.source == "csv":
+        (f,) = input_files(cfg)[:1]
+        columns: list[str] = []
+        seen: set[str] = set()
+        for row in iter_table_rows(f):
+            if isinstance(row.value, dict):
+                for k in row.value:
+                    if k not in seen:
+                        seen.add(k)
+                        columns.append(k)
+                if f.suffix.lower() in (".csv", ".tsv"):
+                    break  # one header for every row
+        if not columns:
+            raise InputError(f"{f}: no rows (the file is empty or holds only a header)")
+        table_columns(cfg, f, columns)
+
+
+def read_parquet_file(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:
+    """Rows of an img2dataset / HF-style parquet file, streamed batch by batch. A null uid or a caption that is
+    not text is a ``bad_row`` (never an invented uid, never a traceback)."""
+    pf = pq.ParquetFile(path)
+    image_col, caption_col, uid_col = parquet_columns(cfg, path, pf.schema_arrow.names)
     source = f"parquet:{path.name}"
     row_index = 0
     for batch in pf.iter_batches(batch_size=256):
         for row in batch.to_pylist():
+            where = f"{path.name} row {row_index}"
             uid = str(row[uid_col]) if uid_col and row.get(uid_col) is not None else f"{path.stem}-{row_index:08d}"
             row_index += 1
             value = row.get(image_col)
             if isinstance(value, dict):  # HF datasets Image feature: {"bytes": …, "path": …}
                 value = value.get("bytes")
-            caption = row.get(caption_col) if caption_col else None
+            caption = row.get(caption_col)
             meta = _jsonable({k: v for k, v in row.items() if k not in (image_col, caption_col)})
-            record = RawRecord(uid=uid, source=source, image=value, caption=caption, meta=meta)
+            record = RawRecord(uid=uid, source=source, image=value if isinstance(value, bytes) else None,
+                               caption=caption if isinstance(caption, str) else None, meta=meta)
             status = row.get("status")
-            if status is not None and status != "success":
+            if uid_col and row.get(uid_col) is None:
+                record.problem = ("bad_row", f"{where}: uid column {uid_col!r} is null")
+            elif caption is not None and not isinstance(caption, str):
+                record.problem = ("bad_row", f"{where}: uid {uid}: caption column {caption_col!r} holds "
+                                             f"{type(caption).__name__} {str(caption)[:40]!r}, not text")
+                record.meta["caption_value"] = str(caption)[:2000]
+            elif status is not None and status != "success":
                 record.problem = ("download_failed", f"{path.name}: uid {uid}: status={status}: {row.get('error_message') or ''}".rstrip(": "))
             elif value is None:
                 record.problem = ("missing_image", f"{path.name}: uid {uid}: column {image_col!r} is null")
+            elif not isinstance(value, bytes):
+                record.problem = ("bad_row", f"{where}: uid {uid}: image column {image_col!r} holds "
+                                             f"{type(value).__name__}, not bytes")
             yield record
 
 
@@ -279,14 +360,25 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
         rel = row.get(image_col) if image_col else None
         if not rel:
             record.problem = ("missing_image", f"{where}: no image path (column {image_col or PATH_COLUMN_CANDIDATES!r})")
+        elif (image_path := confined(root, str(rel))) is None:
+            record.problem = ("outside_root", f"{where}: image path {str(rel)[:200]!r} resolves outside the image "
+                                              f"root {str(root)!r} (absolute, or through '..'); not read")
         else:
-            image_path = Path(str(rel))
-            image_path = image_path if image_path.is_absolute() else root / image_path
             try:
                 record.image = image_path.read_bytes()
             except OSError as exc:
                 record.problem = ("missing_image", f"{where}: cannot read {image_path}: {exc.strerror or exc}")
         yield record
+
+
+def confined(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when it resolves (symlinks included) inside ``root``; None for an absolute path, a ``..``
+    escape or a link that leads out."""
+    if Path(rel).is_absolute():
+        return None
+    base = root.resolve()
+    full = (root / rel).resolve()
+    return full if full == base or base in full.parents else None
 
 
 def _json_or_empty(raw: bytes | None) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class ClassificationSet:
     fingerprint: str
     #: synthetic swap split: per image (true descriptions, foil descriptions), in key order (:func:`swap_pairs`)
     swap: list[tuple[list[str], list[str]]] | None = None
+    #: files under the dataset's folders that are not samples (README.txt, Thumbs.db…), relative to its root
+    ignored: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -458,6 +460,7 @@ def load_image_folder(
     keys: list[str] = []
     paths: list[str] = []
     labels: list[int] = []
+    ignored = sorted(e.name for e in os.scandir(root) if e.is_file())  # beside the class folders: not samples
     for label, folder in enumerate(folders):
         found = []
         for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
@@ -465,6 +468,8 @@ def load_image_folder(
             for f in filenames:
                 if _is_image(f) and not f.startswith("."):
                     found.append(os.path.join(dirpath, f))
+                else:
+                    ignored.append(Path(dirpath, f).relative_to(root).as_posix())
         if not found:
             raise FileNotFoundError(f"class folder {root / folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         for path in sorted(found):
@@ -472,9 +477,11 @@ def load_image_folder(
             keys.append(Path(path).relative_to(root).as_posix())
             labels.append(label)
     name = name or root.name
-    return _classification(
+    data = _classification(
         "image_folder", name, names, templates, keys, labels, _FileLoader(paths), file_signature(paths, root)
     )
+    data.ignored = ignored
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- labelled lists

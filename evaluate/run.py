@@ -92,8 +92,9 @@ def load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, pr
         raise ValueError(f"evaluate.datasets[{ds.name}]: path is required for kind {ds.kind!r}")
     if ds.kind == "clip_benchmark":
         data = D.load_clip_benchmark(ds.path, split=ds.split, name=ds.name)
-    elif ds.kind == "image_folder":
-        data = D.load_image_folder(ds.path, name=ds.name, templates=templates)
+    elif ds.kind == "image_folder":  # classnames: display names, one per class folder in sorted order
+        data = D.load_image_folder(ds.path, name=ds.name, templates=templates,
+                                   classnames=D.read_classnames(ds.classnames) if ds.classnames else None)
     elif ds.kind == "list":
         data = D.load_labelled_list(ds.path, image_root=ds.image_root, classnames=ds.classnames, name=ds.name, templates=templates)
     elif ds.kind == "karpathy":
@@ -148,12 +149,16 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
         emb, hit = cache.get_or_compute(
             data.fingerprint,
             lambda data=data: encode_images(model, len(data.keys), data.load, batch_size=cfg.batch_size,
-                                            device=device, progress=progress, desc=ds.name),
+                                            device=device, progress=progress, desc=ds.name, keys=data.keys),
             required=("boxes",) if model.uses_decoder else (),
         )
         result.cached += int(hit)
         result.encoded += int(not hit)
         result.datasets[ds.name] = _describe_dataset(data)
+        if getattr(data, "ignored", None):
+            shown = ", ".join(data.ignored[:5]) + (f" and {len(data.ignored) - 5} more" if len(data.ignored) > 5 else "")
+            result.skipped.append(f"{ds.name}: {len(data.ignored)} file(s) that are not images ignored ({shown})")
+            result.datasets[ds.name]["ignored_files"] = len(data.ignored)
         scored = score_dataset(cfg, model, text, data, emb, descriptor_json, where=ds.descriptors or f"{ds.name} descriptors")
         result.skipped += [f"{ds.name}: {s}" for s in scored.pop("skipped")]
         for (task, mode), metrics in scored.items():

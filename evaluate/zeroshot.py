@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grain.train.data import load_image
+from grain.data.files import decode_rgb
+from grain.train.data import image_tensor
 from grain.train.model import GrainModel, text_tokenizer
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -52,9 +53,11 @@ from grain.train.model import GrainModel, text_tokenizer
 
 @torch.no_grad()
 def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *, batch_size: int = 64,
-                  device: str | torch.device = "cpu", progress: bool = False, desc: str = "images") -> dict[str, Tensor]:
+                  device: str | torch.device = "cpu", progress: bool = False, desc: str = "images",
+                  keys: Sequence[str] | None = None) -> dict[str, Tensor]:
     """{"image_embed": [N,D]} (+ "region_embed": [N,Q,D] and "boxes": [N,Q,4] (cx, cy, w, h in [0, 1]) for decoder
-    models), embeddings normalised, float32 on CPU."""
+    models), embeddings normalised, float32 on CPU. An image that does not decode raises one ValueError naming the
+    dataset (``desc``) and the image's key (``keys[i]``, e.g. "cat/0001.jpg") or index."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -65,7 +68,15 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, count, batch_size):
             idx = range(start, min(count, start + batch_size))
-            arrays = list(pool.map(lambda i: load_image(load(i), size), idx))
+            def one(i: int) -> np.ndarray:
+                where = f"{desc}: image {keys[i] if keys is not None else f'#{i}'}"
+                try:
+                    data = load(i)
+                except OSError as exc:
+                    raise ValueError(f"{where}: cannot read it: {exc}") from None
+                return image_tensor(decode_rgb(data, where=where), size)
+
+            arrays = list(pool.map(one, idx))
             enc = model.encode_image(torch.from_numpy(np.stack(arrays)).to(device))
             out["image_embed"].append(enc["image_embed"].float().cpu())
             if "region_embed" in enc:

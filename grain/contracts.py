@@ -117,6 +117,7 @@ QUARANTINE_REASONS: dict[str, str] = {
     "duplicate_uid": "a row with the same uid was already accepted",
     "bad_row": "the input row could not be parsed (malformed JSON/CSV line, wrong types)",
     "bad_regions": "the row's ground-truth regions (webdataset KEY.json 'regions') are malformed",
+    "outside_root": "the row's image path resolves outside ingest.image_root (absolute, '..' or a link); not read",
 }
 
 SCHEMAS: dict[str, pa.Schema] = {

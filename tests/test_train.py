@@ -80,7 +80,8 @@ def test_loss_goes_clearly_down(world, tmp_path):
 
 def test_exact_resume_after_sigkill(world, tmp_path):
     """N steps straight == N/2, SIGKILL, resume to N: identical weights and optimizer state."""
-    sets = ["train.steps=24", "train.checkpoint_every=8", "train.batch_size=16", "train.warmup_steps=4", "train.num_workers=2"]
+    sets = ["train.steps=24", "train.checkpoint_every=8", "train.batch_size=16", "train.warmup_steps=4", "train.num_workers=2",
+            "train.log_every=1"]
     straight = tmp_path / "straight"
     cfg = _cfg(steps=24, checkpoint_every=8, batch_size=16, warmup_steps=4, num_workers=2)
     _run(world, straight, cfg)
@@ -91,7 +92,12 @@ def test_exact_resume_after_sigkill(world, tmp_path):
     proc = subprocess.Popen([PY, "-m", "grain.train", *_cli_args(world, killed, *sets)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_000008").exists():
+    def logged_past_checkpoint() -> bool:  # killed after logging steps the resume will redo
+        metrics = killed / "metrics.jsonl"
+        return (killed / "checkpoints" / "step_000008").exists() and metrics.exists() and \
+            any('"step": 10,' in line for line in metrics.read_text().splitlines())
+
+    while not logged_past_checkpoint():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.01)
@@ -101,6 +107,13 @@ def test_exact_resume_after_sigkill(world, tmp_path):
     assert "step_000024" not in done, "the run finished before it was killed; the test proves nothing"
     result = _run(world, killed, cfg)  # resume="latest"
     assert result.steps == 24
+    # every training step is logged exactly once, in order, as in the uninterrupted run (metrics.jsonl and TensorBoard)
+    assert [r["step"] for r in _metrics(killed)] == [r["step"] for r in _metrics(straight)] == list(range(1, 25))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/loss")] == list(range(1, 25))
 
     a = load_file(str(straight / "checkpoints" / "step_000024" / "model.safetensors"))
     b = load_file(str(killed / "checkpoints" / "step_000024" / "model.safetensors"))

@@ -260,7 +260,9 @@ def train(
     if cfg.compile:
         net = torch.compile(net)
     autocast = _autocast(device, cfg.precision)
-    writer = _summary_writer(out_dir / "tb") if is_main else None
+    if is_main:  # a resumed run logs every step after its checkpoint again: drop what the killed run logged past it
+        _truncate_metrics(out_dir / METRICS_FILE, step)
+    writer = _summary_writer(out_dir / "tb", purge_step=step + 1 if step else None) if is_main else None
     metrics_fh = open(out_dir / METRICS_FILE, "a") if is_main else None  # noqa: SIM115 - closed in finally
     bar = _progress(progress and is_main, cfg.steps, step)
     last: dict[str, float] = {}
@@ -353,13 +355,34 @@ def _checkpoint(ckpt_dir: Path, step: int, model: GrainModel, optimizer: torch.o
     return path
 
 
-def _summary_writer(folder: Path) -> Any:
+def _summary_writer(folder: Path, purge_step: int | None = None) -> Any:
+    """TensorBoard writer; ``purge_step`` (a resumed run: its checkpoint step + 1) makes TensorBoard drop the events
+    the interrupted run wrote from that step on, so every step is shown once."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
         log.warning("tensorboard is not installed; writing metrics.jsonl only")
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (the step training resumes from; 0 for a fresh start) and
+    drop the rest — the steps an interrupted run logged after its last checkpoint, and a line cut short by the
+    kill — so that after a resume every step is logged exactly once. Rewritten atomically (tmp + rename)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _log_metrics(writer: Any, fh: Any, step: int, metrics: dict[str, float]) -> None:
