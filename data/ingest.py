@@ -17,7 +17,7 @@ from typing import Any
 from grain.config import IngestConfig
 from grain.contracts import SAMPLES_SCHEMA
 from grain.data.images import ImageRejected, normalise_image
-from grain.data.readers import RawRecord, check_inputs, plan_shards, read_shard
+from grain.data.readers import RawRecord, check_inputs, duplicate_owners, plan_shards, read_shard
 from grain.shards import Shard, ShardSink, StageResult, run_stage
 from grain.stages import INGEST
 
@@ -39,13 +39,15 @@ def ingest(
     """
     check_inputs(cfg)  # layout errors (not Parquet, a missing column, no rows) before anything is written
     shards = plan_shards(cfg)
+    # uids unique across the stage: a uid's later copies (in later shards) are known before any shard runs
+    claimed = duplicate_owners(cfg, shards) if cfg.unique_uids == "stage" else {}
     upstream = INGEST.upstream(cfg, {})
     return run_stage(
         INGEST.name,
         out_dir,
         INGEST.fingerprint(cfg, upstream),
         shards,
-        functools.partial(ingest_shard, cfg),
+        functools.partial(ingest_shard, cfg, claimed=claimed),
         SAMPLES_SCHEMA,
         config=cfg.model_dump(mode="json"),
         code_version=INGEST.code_version,
@@ -57,23 +59,27 @@ def ingest(
     )
 
 
-def ingest_shard(cfg: IngestConfig, shard: Shard, sink: ShardSink) -> dict[str, Any]:
-    """Read one input shard, validate every row, and write it to ``sink`` (accepted or quarantined)."""
+def ingest_shard(cfg: IngestConfig, shard: Shard, sink: ShardSink, claimed: dict[int, dict[str, int]] | None = None) -> dict[str, Any]:
+    """Read one input shard, validate every row, and write it to ``sink`` (accepted or quarantined). ``claimed``
+    (:func:`grain.data.readers.duplicate_owners`) names the uids an earlier shard holds: their copies here are
+    quarantined as ``duplicate_uid``."""
     seen: set[str] = set()
+    earlier = (claimed or {}).get(shard.index, {})
     rows_in = 0
     changes: Counter[str] = Counter()
     decode_seconds = 0.0
     for record in read_shard(cfg, shard):
         rows_in += 1
         t = time.perf_counter()
-        accepted = _accept(cfg, record, seen, sink)
+        accepted = _accept(cfg, record, seen, sink, earlier)
         decode_seconds += time.perf_counter() - t
         for change in accepted:
             changes[change.split(":", 1)[0]] += 1
     return {"rows_in": rows_in, "normalised": dict(sorted(changes.items())), "validate_seconds": round(decode_seconds, 4)}
 
 
-def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSink) -> list[str]:
+def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSink,
+            earlier: dict[str, int] | None = None) -> list[str]:
     """Write one record to the output or to quarantine; returns the normalisation steps applied."""
 
     def reject(reason: str, detail: str) -> list[str]:
@@ -94,6 +100,9 @@ def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSin
         return reject("missing_image", f"uid {record.uid!r}: the row has no image")
     if record.uid in seen:
         return reject("duplicate_uid", f"uid {record.uid!r} already accepted in this shard")
+    if earlier and record.uid in earlier:
+        return reject("duplicate_uid", f"uid {record.uid!r} is also in shard {earlier[record.uid]} (part-"
+                                       f"{earlier[record.uid]:05d}), which comes first and keeps it")
     caption = (record.caption or "").strip()
     if not caption:
         return reject("missing_caption", f"uid {record.uid!r}: caption is {'null' if record.caption is None else 'empty'}")

@@ -110,6 +110,46 @@ def _row_ranges(n: int, num_shards: int, inputs: tuple[str, ...]) -> list[Shard]
     return [Shard(i, inputs, bounds[i], bounds[i + 1]) for i in range(num_shards)]
 
 
+def duplicate_owners(cfg: IngestConfig, shards: list[Shard]) -> dict[int, dict[str, int]]:
+    """``{shard index: {uid: index of the earlier shard that holds it first}}`` for every uid that occurs in more
+    than one shard (``ingest.unique_uids: stage``). Uids are read cheaply and in reader order — tar headers (no image
+    bytes), the Parquet uid column, the list's uid column — so the rule is "the first shard wins". Sources whose uids
+    are unique by construction (synthetic; Parquet or lists without a uid column) give ``{}``."""
+    first: dict[str, int] = {}
+    out: dict[int, dict[str, int]] = {}
+
+    def see(uid: str, index: int) -> None:
+        owner = first.setdefault(uid, index)
+        if owner != index:
+            out.setdefault(index, {})[uid] = owner
+
+    if cfg.source == "webdataset":
+        for shard in shards:
+            try:
+                for member in iter_tar_members(Path(shard.inputs[0]), read_exts=()):
+                    see(member.key, shard.index)
+            except TarReadError:
+                pass  # the reader accounts for a broken tar's rows; what was listed before the break is here
+    elif cfg.source == "parquet":
+        for shard in shards:
+            path = Path(shard.inputs[0])
+            pf = pq.ParquetFile(path)
+            uid_col = parquet_columns(cfg, path, pf.schema_arrow.names)[2]
+            if uid_col is None:
+                continue
+            for batch in pf.iter_batches(columns=[uid_col], batch_size=65536):
+                for value in batch.column(0).to_pylist():
+                    if value is not None:
+                        see(str(value), shard.index)
+    elif cfg.source == "csv" and cfg.uid_column and len(shards) > 1:
+        bounds = [(s.start, s.stop, s.index) for s in shards]
+        for index, row in enumerate(iter_table_rows(Path(shards[0].inputs[0]))):
+            value = row.value.get(cfg.uid_column) if isinstance(row.value, dict) else None
+            if value not in (None, ""):
+                see(str(value), next(i for a, b, i in bounds if a <= index < b))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ readers
 
 

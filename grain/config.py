@@ -136,6 +136,10 @@ class IngestConfig(_Frozen):
     caption_column: str = Field("caption", description="parquet/csv: caption column.")
     uid_column: str | None = Field(None, description="Column holding a stable id; 'key' for img2dataset.")
     num_shards: int = Field(4, ge=1, description="Output shards for synthetic and csv (others: one per input file).")
+    unique_uids: Literal["stage", "shard"] = Field(
+        "stage", description="stage: a uid is accepted once in the whole stage — a later copy (a later shard, or "
+        "later in its shard) is quarantined as duplicate_uid; this reads every shard's uids first (tar headers, the "
+        "uid column). shard: only within a shard (no pre-pass; for inputs whose uids are unique by construction).")
     max_side: int | None = Field(1024, ge=16, description="Downscale images whose longer side exceeds this.")
     min_side: int = Field(8, ge=1, description="Quarantine images whose shorter side is below this.")
     max_pixels: int = Field(89_478_485, ge=1, description="Quarantine (without decoding) images above this.")

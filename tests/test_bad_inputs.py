@@ -167,3 +167,51 @@ def test_an_undecodable_eval_image_names_its_file(tmp_path):
     model = build_model("grain-tiny").eval()
     with pytest.raises(ValueError, match=r"^pets: image dog/0002\.jpg: cannot decode image"):
         encode_images(model, len(data.keys), data.load, desc="pets", keys=data.keys)
+
+
+# ------------------------------------------------------------------------------------------------ uids across shards
+
+
+def _tar(path: Path, keys: list[str]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            for ext, data in (("png", _png()), ("txt", f"caption of {key} in {path.name}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_uid_is_accepted_once_across_the_whole_stage(tmp_path):
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "00000.tar", ["a", "b"])
+    _tar(tmp_path / "wds" / "00001.tar", ["b", "c", "a"])
+    _tar(tmp_path / "wds" / "00002.tar", ["c", "d"])
+    cfg = IngestConfig(source="webdataset", path=str(tmp_path / "wds"))
+    result = ingest(cfg, tmp_path / "out")
+    kept = _rows(tmp_path / "out")
+    assert sorted(r["uid"] for r in kept) == ["a", "b", "c", "d"]  # every uid exactly once
+    assert {r["uid"]: r["caption"] for r in kept}["b"] == "caption of b in 00000.tar"  # the first shard keeps it
+    quarantined = sorted((q["uid"], q["reason"], q["caption"]) for q in _rows(tmp_path / "out", "quarantine"))
+    assert quarantined == [("a", "duplicate_uid", "caption of a in 00001.tar"),
+                           ("b", "duplicate_uid", "caption of b in 00001.tar"),
+                           ("c", "duplicate_uid", "caption of c in 00002.tar")]
+    assert result.totals["rows_in"] == 7 == len(kept) + len(quarantined)  # nothing lost
+    # per shard only (the old behaviour) keeps the copies: the option exists for uids unique by construction
+    ingest(cfg.model_copy(update={"unique_uids": "shard"}), tmp_path / "per-shard")
+    assert len(_rows(tmp_path / "per-shard")) == 7
+
+
+def test_parquet_and_csv_uids_are_unique_across_shards(tmp_path):
+    (tmp_path / "pq").mkdir()
+    for i, keys in enumerate((["x", "y"], ["y", "z"])):
+        pq.write_table(pa.table({"key": keys, "jpg": [_png()] * 2, "caption": [f"{k}{i}" for k in keys]}),
+                       tmp_path / "pq" / f"{i:05d}.parquet")
+    ingest(IngestConfig(source="parquet", path=str(tmp_path / "pq")), tmp_path / "out-pq")
+    assert sorted((r["uid"], r["caption"]) for r in _rows(tmp_path / "out-pq")) == [("x", "x0"), ("y", "y0"), ("z", "z1")]
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "list.csv").write_text("id,path,caption\n1,a.png,one\n2,a.png,two\n1,a.png,one again\n3,a.png,three\n")
+    ingest(IngestConfig(source="csv", path=str(tmp_path / "list.csv"), uid_column="id", num_shards=2), tmp_path / "out-csv")
+    assert sorted((r["uid"], r["caption"]) for r in _rows(tmp_path / "out-csv")) == [("1", "one"), ("2", "two"), ("3", "three")]
+    assert [q["reason"] for q in _rows(tmp_path / "out-csv", "quarantine")] == ["duplicate_uid"]

@@ -106,7 +106,7 @@ def _changed(value):
         return value + 1
     if value is None:
         return "x"
-    return {"synthetic": "webdataset", "train": "single", "caption": "text"}.get(value, value + "_")
+    return {"synthetic": "webdataset", "train": "single", "caption": "text", "stage": "shard"}.get(value, value + "_")
 
 
 def test_fingerprint_changes_with_every_config_value():
