@@ -403,7 +403,10 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "train").mkdir(parents=True)
-    bar = _progress(progress, cfg.num_train + cfg.eval_per_class * len(categories) + cfg.num_retrieval)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.num_train + cfg.eval_per_class * len(categories) + cfg.num_retrieval,
+               desc="composite world", unit="img", disable=not progress)
     counts: dict[str, Any] = {}
 
     # training shards: seen categories only, uniform over categories, 1..max_objects stamps each
@@ -516,25 +519,6 @@ def vocabulary_overlap(seen: list[Category], held: list[Category]) -> dict[str, 
         out[c.name] = {"descriptor_words_in_training": round(sum(w in train_words for w in words) / max(len(words), 1), 3),
                        "name_in_training": all(w in train_words for w in name_words)}
     return out
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc="composite world", unit="img")
-        except ImportError:
-            pass
-
-    class _Null:
-        def update(self, n: int) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Null()
 
 
 def fingerprint_files(folder: str | Path) -> str:

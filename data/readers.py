@@ -278,9 +278,9 @@ def parquet_columns(cfg: IngestConfig, path: Path, names: list[str]) -> tuple[st
     return image_col, caption_col, uid_col
 
 
-def table_columns(cfg: IngestConfig, path: Path, columns: list[str]) -> str:
-    """The image-path column of a csv/jsonl list; InputError naming the missing column (image, caption or uid)
-    and listing the columns that exist."""
+def check_table_columns(cfg: IngestConfig, path: Path, columns: list[str]) -> None:
+    """InputError naming the missing column of a csv/jsonl list (image path, caption or uid) and listing the
+    columns that exist."""
     image_col = cfg.image_column or next((c for c in PATH_COLUMN_CANDIDATES if c in columns), None)
     if image_col is None or image_col not in columns:
         raise InputError(f"{path}: no image path column (looked for {cfg.image_column or PATH_COLUMN_CANDIDATES}); "
@@ -289,7 +289,6 @@ def table_columns(cfg: IngestConfig, path: Path, columns: list[str]) -> str:
         raise InputError(f"{path}: no caption column {cfg.caption_column!r} (ingest.caption_column); columns are {columns}")
     if cfg.uid_column and cfg.uid_column not in columns:
         raise InputError(f"{path}: ingest.uid_column {cfg.uid_column!r} is not a column; columns are {columns}")
-    return image_col
 
 
 def check_inputs(cfg: IngestConfig) -> None:
@@ -331,7 +330,7 @@ def check_inputs(cfg: IngestConfig) -> None:
                     break  # one header for every row
         if not columns:
             raise InputError(f"{f}: no rows (the file is empty or holds only a header)")
-        table_columns(cfg, f, columns)
+        check_table_columns(cfg, f, columns)
 
 
 def read_parquet_file(path: Path, cfg: IngestConfig) -> Iterator[RawRecord]:

@@ -64,7 +64,8 @@ class ZeroShotProbe:
             text = TextEncoder(model, device)
             out: dict[str, float] = {}
             for name, data, descriptors, where in self.sets:
-                emb = encode_images(model, len(data.keys), data.load, batch_size=self.cfg.batch_size, device=device)
+                emb = encode_images(model, len(data.keys), data.load, batch_size=self.cfg.batch_size, device=device,
+                                    desc=name, keys=data.keys)
                 scored = score_dataset(self.cfg, model, text, data, emb, descriptors, where)
                 scored.pop("skipped")
                 for (task, mode), metrics in scored.items():

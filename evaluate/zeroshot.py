@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grain.data.files import decode_rgb
-from grain.train.data import image_tensor
+from grain.train.data import load_image
 from grain.train.model import GrainModel, text_tokenizer
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -65,17 +64,18 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
     size = model.image_size
     out: dict[str, list[Tensor]] = {"image_embed": [], "region_embed": []}
     bar = tqdm(total=count, desc=f"encode {desc}", unit="img", disable=not progress, dynamic_ncols=True)
+
+    def one(i: int) -> np.ndarray:
+        where = f"{desc}: image {keys[i] if keys is not None else f'#{i}'}"
+        try:
+            data = load(i)
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read it: {exc}") from None
+        return load_image(data, size, where=where)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, count, batch_size):
             idx = range(start, min(count, start + batch_size))
-            def one(i: int) -> np.ndarray:
-                where = f"{desc}: image {keys[i] if keys is not None else f'#{i}'}"
-                try:
-                    data = load(i)
-                except OSError as exc:
-                    raise ValueError(f"{where}: cannot read it: {exc}") from None
-                return image_tensor(decode_rgb(data, where=where), size)
-
             arrays = list(pool.map(one, idx))
             enc = model.encode_image(torch.from_numpy(np.stack(arrays)).to(device))
             out["image_embed"].append(enc["image_embed"].float().cpu())

@@ -174,9 +174,10 @@ def select_regions(
     return texts, box_ops.xyxy_to_cxcywh(clipped[order]).astype(np.float32).reshape(-1, 4), dropped
 
 
-def load_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode to RGB (grain.data.files.decode_rgb: the rule ingest applies), then :func:`image_tensor`."""
-    return image_tensor(decode_rgb(data), image_size)
+def load_image(data: bytes, image_size: int, where: str = "image") -> np.ndarray:
+    """Decode to RGB (grain.data.files.decode_rgb: the rule ingest applies; a failure is a ValueError naming
+    ``where``), then :func:`image_tensor`."""
+    return image_tensor(decode_rgb(data, where=where), image_size)
 
 
 def image_tensor(rgb: Image.Image, image_size: int) -> np.ndarray:
