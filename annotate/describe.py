@@ -13,6 +13,11 @@ shard through the shared shard runner as soon as all its images are in, in input
 leaves its row with ``error`` set; on the next run such shards are redone for those rows only
 (``retry_errors``). A watchdog fails the run, leaving unfinished shards uncommitted, when no image completes for
 ``watchdog_s`` seconds (a hung engine), so a rerun resumes.
+
+Every row ends in exactly one of three states, counted per shard in its marker and over the folder by
+:func:`summarize` (the stage summary, ``grain describe`` and ``grain stats`` print them): *described* (no error, at
+least one description), *no usable description* (the reply came back but the parser kept nothing; not retried: the
+same prompt gives the same reply) and *error* (``error`` set; retryable unless the engine is ``reference``).
 """
 
 from __future__ import annotations
@@ -84,7 +89,72 @@ def describe(
             _run_reference(cfg, run, states, progress)
         else:
             _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress)
-    return run.finish()
+    result = run.finish()
+    if result.complete:
+        result.totals.update(summarize(run.out_dir))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ row counts
+
+#: The per-shard marker keys :func:`row_counts` fills (a marker written before they existed lacks them).
+COUNT_KEYS = ("described", "no_description", "no_description_example", "errors", "retryable_errors", "error_example")
+
+
+def row_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Split description rows into described / no usable description / error, with the first uid of each
+    non-described kind as an example (an error example also carries its error text, cut to 200 characters)."""
+    errors = [r for r in rows if r["error"] is not None]
+    empty = [r for r in rows if r["error"] is None and not r["descriptions"]]
+    return {
+        "described": len(rows) - len(errors) - len(empty),
+        "no_description": len(empty),
+        "no_description_example": empty[0]["uid"] if empty else None,
+        "errors": len(errors),
+        # engine failures are worth another try on the next run; reference rows without regions are not
+        "retryable_errors": sum(1 for r in errors if r["engine"] != "reference"),
+        "error_example": {"uid": errors[0]["uid"], "error": errors[0]["error"][:200]} if errors else None,
+    }
+
+
+def summarize(out_dir: str | Path) -> dict[str, Any]:
+    """Row counts over the committed shards of a descriptions/ folder: ``rows_out``, ``rows_described``,
+    ``rows_no_description`` (+ ``no_description_example``, a uid), ``rows_with_errors``, ``rows_retryable_errors``
+    (+ ``error_example``, a uid and its error). Read from the shard markers; a marker written before these counts
+    existed is counted from its Parquet shard instead."""
+    from grain.shards import iter_markers
+
+    out_dir = Path(out_dir)
+    total = {"rows_out": 0, "rows_described": 0, "rows_no_description": 0, "no_description_example": None,
+             "rows_with_errors": 0, "rows_retryable_errors": 0, "error_example": None}
+    for marker in iter_markers(out_dir):
+        counts = marker if all(k in marker for k in COUNT_KEYS) else row_counts(
+            pq.read_table(out_dir / f"{marker['shard']}.parquet", columns=["uid", "descriptions", "engine", "error"]).to_pylist())
+        total["rows_out"] += marker["rows_out"]
+        total["rows_described"] += counts["described"]
+        total["rows_no_description"] += counts["no_description"]
+        total["rows_with_errors"] += counts["errors"]
+        total["rows_retryable_errors"] += counts["retryable_errors"]
+        total["no_description_example"] = total["no_description_example"] or counts["no_description_example"]
+        total["error_example"] = total["error_example"] or counts["error_example"]
+    return total
+
+
+def format_counts(totals: dict[str, Any]) -> str:
+    """One line for people: ``described N, no usable description N (e.g. uid U), with an error N (N retryable,
+    e.g. uid U: why)``."""
+    parts = [f"described {totals['rows_described']}"]
+    line = f"no usable description {totals['rows_no_description']}"
+    if totals.get("no_description_example"):
+        line += f" (e.g. uid {totals['no_description_example']})"
+    parts.append(line)
+    line = f"with an error {totals['rows_with_errors']}"
+    if totals["rows_with_errors"]:
+        example = totals.get("error_example")
+        line += f" ({totals['rows_retryable_errors']} retryable" + (
+            f", e.g. uid {example['uid']}: {example['error']}" if example else "") + ")"
+    parts.append(line)
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ per-shard state
@@ -100,7 +170,6 @@ class _ShardState:
     kinds: tuple[str, ...]
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
-    per_image: Counter[int] = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -124,6 +193,8 @@ class _ShardState:
 
     def add(self, cfg: DescribeConfig, uid: str, kind: str, completion: dict[str, Any]) -> bool:
         """Record one completion; returns True when the image has all its completions (its row is built)."""
+        if uid in self.rows:  # a result delivered twice (a retried engine task): the row is already built
+            return False
         got = self.pending.setdefault(uid, {})
         got[kind] = completion
         if len(got) < len(self.kinds):
@@ -145,7 +216,6 @@ class _ShardState:
             self.stats["tokens_in"] += int(c.get("prompt_tokens") or 0)
             self.stats["tokens_out"] += int(c.get("completion_tokens") or 0)
         self.stats["requests"] += len(got)
-        self.per_image[len(descriptions)] += 1
         return {
             "uid": uid,
             "descriptions": descriptions,
@@ -162,22 +232,19 @@ class _ShardState:
 
     def commit(self, run: StageRun) -> dict[str, Any]:
         sink = run.sink(self.shard)
-        errors = 0
-        for uid in self.uids:
-            row = self.rows[uid]
-            errors += row["error"] is not None
+        rows = [self.rows[uid] for uid in self.uids]
+        for row in rows:
             sink.write(row)
         stats = {
             "rows_in": len(self.uids),
-            "errors": errors,
-            # engine failures are worth another try on the next run; reference rows without regions are not
-            "retryable_errors": sum(1 for u in self.uids if self.rows[u]["error"] and self.rows[u]["engine"] != "reference"),
+            **row_counts(rows),
             "reused_rows": self.stats["reused"],
+            # replies of this run that parsed to nothing (no_description counts the rows of the whole shard)
             "empty_replies": self.stats["empty_replies"],
             "requests": self.stats["requests"],
             "tokens_in": self.stats["tokens_in"],
             "tokens_out": self.stats["tokens_out"],
-            "descriptions_per_image": {str(k): v for k, v in sorted(self.per_image.items())},
+            "descriptions_per_image": {str(k): v for k, v in sorted(Counter(len(r["descriptions"]) for r in rows).items())},
         }
         return run.commit(sink, stats, time.perf_counter() - self.started)
 
@@ -195,7 +262,6 @@ def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState]
                 continue
             texts = [r["text"] for r in regions or []]
             descriptions = parse_descriptions("\n".join(texts), cfg.max_descriptions, cfg.max_description_chars) if texts else []
-            state.per_image[len(descriptions)] += 1
             state.rows[uid] = {
                 "uid": uid,
                 "descriptions": descriptions,

@@ -89,7 +89,19 @@ class OpenAIChatEngine(ChatEngine):
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="openai")
 
     def chat(self, conversations: list[Messages], max_tokens: int, temperature: float) -> list[Completion]:
-        return list(self._pool.map(lambda m: self._one(m, max_tokens, temperature), conversations))
+        return [self._redacted(c) for c in self._pool.map(lambda m: self._one(m, max_tokens, temperature), conversations)]
+
+    def _redacted(self, completion: Completion) -> Completion:
+        """The completion with the API key masked: a server (or gateway) that quotes the Authorization header back
+        in an error body, or in a reply, must not make the key part of the dataset (``error``/``raw`` in Parquet)."""
+        key = getattr(self._client, "api_key", None)  # read from the client: the engine itself keeps no copy
+        if not key or key == "EMPTY" or len(key) < 4:
+            return completion
+        for attr in ("text", "error"):
+            value = getattr(completion, attr)
+            if value and key in value:
+                setattr(completion, attr, value.replace(key, "<api key redacted>"))
+        return completion
 
     def _one(self, messages: Messages, max_tokens: int, temperature: float) -> Completion:
         import openai
@@ -102,7 +114,10 @@ class OpenAIChatEngine(ChatEngine):
             return Completion(None, f"timeout after {self.cfg.timeout_s}s at {self._url}{_gave_up(exc.request)}")
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
-            return Completion(None, f"cannot reach {self._url}: {type(cause).__name__}: {cause}{_gave_up(exc.request)}")
+            # a connect failure (nobody listening, refused, unresolvable) vs a connection that broke after the
+            # request went out (the server dropped it before or while answering)
+            where = f"cannot reach {self._url}" if type(cause).__name__.startswith("Connect") else f"connection to {self._url} broke"
+            return Completion(None, f"{where}: {type(cause).__name__}: {cause}{_gave_up(exc.request)}")
         except openai.APIStatusError as exc:
             code = exc.status_code
             retried = code in (408, 409, 429) or code >= 500
@@ -112,19 +127,33 @@ class OpenAIChatEngine(ChatEngine):
             return Completion(None, f"request to {self._url} failed: {type(exc).__name__}: {exc}")
         try:
             response = raw.parse()
+            if not getattr(response, "choices", None):
+                raise _NotAChatCompletion("no choices")
             text = response.choices[0].message.content
             if text is not None and not isinstance(text, str):
-                raise TypeError(f"content is {type(text).__name__}")
+                raise _NotAChatCompletion(f"content is {type(text).__name__}")
             usage = response.usage
             prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
             completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         except Exception as exc:  # noqa: BLE001 - not JSON, not a chat completion: the row records what came back
-            return Completion(None, f"malformed response from {self._url}: {type(exc).__name__}: {raw.text[:200]}")
+            what = str(exc) if isinstance(exc, _NotAChatCompletion) else f"{type(exc).__name__}: {str(exc)[:100]}"
+            return Completion(None, f"malformed response from {self._url}: {what}: {_body_text(raw)[:200]}")
         return Completion(text or "", None, prompt_tokens, completion_tokens)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+
+class _NotAChatCompletion(ValueError):
+    """A 200 whose JSON is not a usable chat completion."""
+
+
+def _body_text(raw: Any) -> str:
+    try:
+        return str(raw.text)
+    except Exception as exc:  # noqa: BLE001 - a body that cannot even be decoded
+        return f"<body unreadable: {type(exc).__name__}>"
 
 
 def _gave_up(request: Any) -> str:

@@ -13,7 +13,9 @@ every stage:
   one scanner, which ingest streams member bytes through (``read_webdataset_tar``) and evaluate indexes image
   members with (``load_clip_benchmark``).
 * :func:`iter_table_rows`: CSV / TSV / JSON / JSONL lists, one row at a time, for ingest's ``csv`` source and
-  evaluate's labelled lists. Files are opened as ``utf-8-sig``, so a byte-order mark never reaches the header.
+  evaluate's labelled lists. A byte-order mark never reaches the header; bytes that are not valid text in the
+  file's encoding are never replaced silently (:class:`TextRule`: a fallback encoding, or the row is unusable).
+* :class:`TextRule` / :func:`decode_text`: the one rule for text bytes (table files, webdataset ``.txt``).
 * :func:`file_signature`: ``[relative path, size, mtime_ns]`` of input files, what ingest's input signature and
   every eval dataset fingerprint hash. Paths are relative to the data's own root, so the same data in another
   folder or workdir has the same signature.
@@ -28,6 +30,7 @@ through an error handler, silently drop what follows.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -116,6 +119,7 @@ class TarReadError(ValueError):
     """A tar could not be read to its end; the message names the tar, ``reason`` says what broke."""
 
     def __init__(self, path: str | Path, reason: str):
+        reason = " ".join(reason.split())  # one line: tarfile's own reasons can span several
         super().__init__(f"{path}: cannot read the tar ({reason})")
         self.reason = reason
 
@@ -154,23 +158,29 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_tar_members(path: str | Path, *, read_exts: Collection[str] | None = None) -> Iterator[TarMember]:
+def iter_tar_members(path: str | Path, *, read_exts: Collection[str] | None = None,
+                     skipped: dict[str, int] | None = None) -> Iterator[TarMember]:
     """Every sample field of a (plain or compressed) tar, in tar order, with its key, offset and size.
 
     ``read_exts`` says whose bytes to read into ``data`` (None: every member's); the others are only indexed.
-    Regular files only; names that are not sample fields are skipped (:func:`split_member_name`).
+    Regular files only; names that are not sample fields are skipped (:func:`split_member_name`), and counted in
+    ``skipped`` when given (``{"not a sample field": n, "not a regular file": n}``; folders are not counted).
 
-    Raises TarReadError naming the tar when it cannot be opened or breaks off (truncated or corrupt) — after the
-    members read before the break have been yielded, so a caller can keep them and account for the rest.
+    Raises TarReadError naming the tar when it cannot be opened or breaks off (truncated or corrupt, including a
+    plain tar cut at a member boundary: no end-of-archive block) — after the members read before the break have been yielded, so a caller can keep them and account for the rest.
     """
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             plain = tar.fileobj is raw  # a compressed tar is read through a decompressor: no file offsets
             for info in tar:
                 if not info.isfile():
+                    if skipped is not None and not info.isdir():
+                        skipped["not a regular file"] = skipped.get("not a regular file", 0) + 1
                     continue
                 split = split_member_name(info.name)
                 if split is None:
+                    if skipped is not None:
+                        skipped["not a sample field"] = skipped.get("not a sample field", 0) + 1
                     continue
                 key, ext = split
                 data = None
@@ -178,11 +188,78 @@ def iter_tar_members(path: str | Path, *, read_exts: Collection[str] | None = No
                     fh = tar.extractfile(info)
                     data = fh.read() if fh is not None else b""
                 yield TarMember(info.name, key, ext, info.offset_data if plain else None, info.size, data)
+            if plain:
+                _check_tar_end(raw)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise TarReadError(path, f"{type(exc).__name__}: {exc}") from None
 
 
+def _check_tar_end(raw: Any) -> None:
+    """Raise tarfile.ReadError when a plain tar lacks its end-of-archive block (512 zero bytes at the end).
+
+    tarfile reads a tar cut at a member boundary, or inside a member's header, as a complete archive holding only
+    the members before the cut; only the missing end-of-archive blocks, which every tar writer (tarfile, GNU tar,
+    webdataset's TarWriter) ends with, tell it apart. A cut inside a member's data tarfile reports itself.
+    """
+    size = os.fstat(raw.fileno()).st_size
+    tail = b""
+    if size >= 512 and size % 512 == 0:
+        raw.seek(size - 512)
+        tail = raw.read(512)
+    if len(tail) != 512 or tail.count(0) != 512:
+        raise tarfile.ReadError(f"cut short: {size} bytes and no end-of-archive block after the last member")
+
+
 # ----------------------------------------------------------------------------------------------- table files
+
+
+@dataclass(frozen=True)
+class TextRule:
+    """How text bytes become text: ``encoding`` first; bytes that are not valid in it are decoded with
+    ``fallback`` when one is set (and the row says so), else the row is unusable as ``bad_text``. Never U+FFFD.
+    A UTF-8 byte-order mark is dropped."""
+
+    encoding: str = "utf-8"
+    fallback: str | None = None
+
+    @property
+    def _codec(self) -> str:
+        return "utf-8-sig" if codecs.lookup(self.encoding).name == "utf-8" else self.encoding
+
+
+@dataclass(frozen=True)
+class DecodedText:
+    """:func:`decode_text`'s answer: ``text`` (None when undecodable), ``change`` (a ``grain_normalised`` note when
+    the fallback was used) or ``problem`` (why not, naming the first bad byte); ``escaped`` is the bytes shown
+    with ``\\xNN`` escapes for what is not valid, for quarantine (reversible, never mistaken for clean text)."""
+
+    text: str | None
+    change: str | None = None
+    problem: str | None = None
+    escaped: str | None = None
+
+
+def decode_text(raw: bytes, rule: TextRule = TextRule()) -> DecodedText:
+    """Decode ``raw`` by ``rule`` (see :class:`TextRule`)."""
+    try:
+        return DecodedText(raw.decode(rule._codec))
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start:exc.end]
+        why = f"not valid {rule.encoding}: byte{'s' if len(bad) > 1 else ''} {bad.hex(' ')} at offset {exc.start}"
+    if rule.fallback is not None:
+        try:
+            return DecodedText(raw.decode(rule.fallback), change=f"text_decoded:{rule.fallback} ({why})")
+        except UnicodeDecodeError as exc:
+            why += f", and not valid {rule.fallback} either (offset {exc.start})"
+    return DecodedText(None, problem=why, escaped=raw.decode(rule._codec, "backslashreplace"))
+
+
+def _has_undecoded(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True  # lone surrogates: bytes the file's encoding could not decode (surrogateescape)
+    return False
 
 
 @dataclass(frozen=True)
@@ -192,20 +269,26 @@ class TableRow:
     ``where`` names it for messages: ``"<file>:<line>"`` (CSV/TSV: the line the row ends on; JSONL: its line) or
     ``"<file> item <n>"`` (a JSON list). ``value`` is the row as a dict, or, for a JSON line / item that is not an
     object, its raw text. ``problem`` says why a row is unusable (not a JSON object, more fields than the CSV
-    header); readers report such a row (ingest quarantines it, evaluate raises) rather than drop it.
+    header, text that is not valid in the file's encoding) and ``reason`` names the class (``bad_row``,
+    ``bad_text``); readers report such a row (ingest quarantines it, evaluate raises) rather than drop it.
+    ``changes`` lists what the text rule normalised (a fallback decoding), for ``grain_normalised``.
     """
 
     where: str
     value: dict[str, Any] | str
     problem: str | None = None
+    reason: str = "bad_row"
+    changes: tuple[str, ...] = ()
 
 
-def iter_table_rows(path: str | Path) -> Iterator[TableRow]:
+def iter_table_rows(path: str | Path, text: TextRule = TextRule()) -> Iterator[TableRow]:
     """The rows of a ``.csv`` / ``.tsv`` (header row, then one row per record), ``.jsonl`` / ``.ndjson`` (one JSON
     object per line) or ``.json`` (a list of objects) file, in file order; blank lines are not rows.
 
-    The file is read as ``utf-8-sig`` (a byte-order mark is dropped, so it never sticks to the first header
-    name), header names are stripped of surrounding spaces, and bytes that are not UTF-8 become U+FFFD.
+    The file is decoded by ``text`` (:class:`TextRule`; default UTF-8, a byte-order mark dropped, so it never
+    sticks to the first header name); header names are stripped of surrounding spaces. A field whose bytes are not
+    valid in the encoding is decoded with the rule's fallback (the row's ``changes`` say so) or, without one, makes
+    the row unusable (``reason="bad_text"``, its fields shown with ``\\xNN`` escapes): never replaced silently.
 
     Raises FileNotFoundError for a missing file, ValueError naming the file for an unknown suffix, or a ``.json``
     file that is not a JSON list.
@@ -216,15 +299,45 @@ def iter_table_rows(path: str | Path) -> Iterator[TableRow]:
         raise ValueError(f"{path}: unknown list format {suffix!r}; use {', '.join(TABLE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    # Invalid UTF-8 is replaced, not an error, so one bad byte costs one caption, not the file; a later issue
-    # makes this configurable.
-    with open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding="utf-8-sig", errors="replace") as fh:
+    # surrogateescape keeps undecodable bytes recoverable, so _text_rule can apply the rule field by field
+    with open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding=text._codec, errors="surrogateescape") as fh:
         if suffix in (".csv", ".tsv"):
-            yield from _csv_rows(path, fh, "\t" if suffix == ".tsv" else ",")
+            rows = _csv_rows(path, fh, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".json":
-            yield from _json_list_rows(path, fh.read())
+            rows = _json_list_rows(path, fh.read())
         else:
-            yield from _json_line_rows(path, fh)
+            rows = _json_line_rows(path, fh)
+        for row in rows:
+            yield _text_rule(row, text)
+
+
+def _text_rule(row: TableRow, rule: TextRule) -> TableRow:
+    """Apply ``rule`` to the fields of a row read with surrogateescape (see :func:`iter_table_rows`)."""
+    if isinstance(row.value, str):
+        if not _has_undecoded(row.value):
+            return row
+        raw = row.value.encode(rule.encoding, "surrogateescape")
+        return TableRow(row.where, raw.decode(rule._codec, "backslashreplace"), row.problem, row.reason)
+    value = dict(row.value)
+    for key, v in row.value.items():  # CSV fields beyond the header (DictReader files them as a list under None)
+        if isinstance(v, list) and any(isinstance(x, str) and _has_undecoded(x) for x in v):
+            value[key] = [x.encode(rule.encoding, "surrogateescape").decode(rule._codec, "backslashreplace")
+                          if isinstance(x, str) else x for x in v]
+    bad = {k: v for k, v in row.value.items() if isinstance(v, str) and _has_undecoded(v)}
+    if not bad:
+        return row if value == row.value else TableRow(row.where, value, row.problem, row.reason)
+    changes, problems = [], []
+    for key, v in bad.items():
+        got = decode_text(v.encode(rule.encoding, "surrogateescape"), rule)
+        if got.text is not None:
+            value[key] = got.text
+            changes.append(f"{(got.change or '').split(' ', 1)[0]} (column {key!r})")
+        else:
+            value[key] = got.escaped
+            problems.append(f"column {key!r} is {got.problem}")
+    if problems:
+        return TableRow(row.where, value, "; ".join(problems), "bad_text")
+    return TableRow(row.where, value, row.problem, row.reason, tuple(changes))
 
 
 def _csv_rows(path: Path, fh: Iterable[str], delimiter: str) -> Iterator[TableRow]:

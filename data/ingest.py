@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,8 @@ from grain.data.images import ImageRejected, normalise_image
 from grain.data.readers import RawRecord, check_inputs, duplicate_owners, plan_shards, read_shard
 from grain.shards import Shard, ShardSink, StageResult, run_stage
 from grain.stages import INGEST
+
+log = logging.getLogger(__name__)
 
 
 def ingest(
@@ -68,14 +71,23 @@ def ingest_shard(cfg: IngestConfig, shard: Shard, sink: ShardSink, claimed: dict
     rows_in = 0
     changes: Counter[str] = Counter()
     decode_seconds = 0.0
-    for record in read_shard(cfg, shard):
+    warnings: list[str] = []
+    skipped: dict[str, int] = {}
+    for record in read_shard(cfg, shard, warnings, skipped):
         rows_in += 1
         t = time.perf_counter()
         accepted = _accept(cfg, record, seen, sink, earlier)
         decode_seconds += time.perf_counter() - t
         for change in accepted:
             changes[change.split(":", 1)[0]] += 1
-    return {"rows_in": rows_in, "normalised": dict(sorted(changes.items())), "validate_seconds": round(decode_seconds, 4)}
+    for warning in warnings:
+        log.warning("ingest shard %s: %s", shard.name, warning)
+    stats = {"rows_in": rows_in, "normalised": dict(sorted(changes.items())), "validate_seconds": round(decode_seconds, 4)}
+    if warnings:
+        stats.update(inputs_cut_short=len(warnings), warnings=warnings)
+    if skipped:
+        stats["skipped_members"] = dict(sorted(skipped.items()))
+    return stats
 
 
 def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSink,
@@ -118,8 +130,9 @@ def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSin
         return reject(exc.reason, f"uid {record.uid!r}: {exc.detail}")
     seen.add(record.uid)
     meta = dict(record.meta)
-    if image.changes:
-        meta["grain_normalised"] = image.changes
+    normalised = record.changes + image.changes
+    if normalised:
+        meta["grain_normalised"] = normalised
     sink.write(
         {
             "uid": record.uid,
@@ -133,4 +146,4 @@ def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSin
             "regions": record.regions,
         }
     )
-    return image.changes
+    return normalised

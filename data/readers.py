@@ -16,6 +16,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grain.config import IngestConfig
-from grain.data.files import IMAGE_EXTENSIONS, TABLE_SUFFIXES, TarReadError, file_signature, iter_table_rows, iter_tar_members
+from grain.data.files import (IMAGE_EXTENSIONS, TABLE_SUFFIXES, TarReadError, TextRule, decode_text, file_signature,
+                              iter_table_rows, iter_tar_members)
 from grain.shards import Shard
 
 IMAGE_COLUMN_CANDIDATES = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
@@ -48,6 +50,12 @@ class RawRecord:
     label: int | None = None
     regions: list[dict[str, Any]] | None = None
     problem: tuple[str, str] | None = None  # (quarantine reason, detail) already known to the reader
+    changes: list[str] = field(default_factory=list)  # what the reader normalised (grain_normalised), e.g. a fallback decoding
+
+
+def text_rule(cfg: IngestConfig) -> TextRule:
+    """ingest.text_encoding / ingest.fallback_encoding as the I/O layer's TextRule."""
+    return TextRule(cfg.text_encoding, cfg.fallback_encoding)
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -143,7 +151,7 @@ def duplicate_owners(cfg: IngestConfig, shards: list[Shard]) -> dict[int, dict[s
                         see(str(value), shard.index)
     elif cfg.source == "csv" and cfg.uid_column and len(shards) > 1:
         bounds = [(s.start, s.stop, s.index) for s in shards]
-        for index, row in enumerate(iter_table_rows(Path(shards[0].inputs[0]))):
+        for index, row in enumerate(iter_table_rows(Path(shards[0].inputs[0]), text_rule(cfg))):
             value = row.value.get(cfg.uid_column) if isinstance(row.value, dict) else None
             if value not in (None, ""):
                 see(str(value), next(i for a, b, i in bounds if a <= index < b))
@@ -153,12 +161,15 @@ def duplicate_owners(cfg: IngestConfig, shards: list[Shard]) -> dict[int, dict[s
 # ------------------------------------------------------------------------------------------------ readers
 
 
-def read_shard(cfg: IngestConfig, shard: Shard) -> Iterator[RawRecord]:
-    """Every input row of ``shard`` as a RawRecord (including the unusable ones)."""
+def read_shard(cfg: IngestConfig, shard: Shard, warnings: list[str] | None = None,
+               skipped: dict[str, int] | None = None) -> Iterator[RawRecord]:
+    """Every input row of ``shard`` as a RawRecord (including the unusable ones). What concerns the input as a
+    whole rather than one row (a tar cut short) is appended to ``warnings``; tar members that are not sample
+    fields (hidden files, names without an extension, links) are counted in ``skipped``."""
     if cfg.source == "synthetic":
         return read_synthetic(cfg, shard.start, shard.stop)
     if cfg.source == "webdataset":
-        return read_webdataset_tar(Path(shard.inputs[0]))
+        return read_webdataset_tar(Path(shard.inputs[0]), text_rule(cfg), warnings, skipped)
     if cfg.source == "parquet":
         return read_parquet_file(Path(shard.inputs[0]), cfg)
     return read_table_rows(Path(shard.inputs[0]), cfg, shard.start, shard.stop)
@@ -181,37 +192,56 @@ def read_synthetic(cfg: IngestConfig, start: int, stop: int) -> Iterator[RawReco
         )
 
 
-def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
+def read_webdataset_tar(tar_path: Path, text: TextRule = TextRule(), warnings: list[str] | None = None,
+                        skipped: dict[str, int] | None = None) -> Iterator[RawRecord]:
     """Group a webdataset tar's members by key; reconcile with the img2dataset sidecar parquet if present.
 
     Members and keys are those of grain.data.files.iter_tar_members (webdataset's key rule; the scanner evaluate
     indexes CLIP_benchmark shards with); a key with several image members takes the first of IMAGE_EXTENSIONS.
     Keys listed in the sidecar as failed downloads become ``download_failed``; keys the sidecar says succeeded but
     the tar lacks (e.g. a tar cut short) become ``missing_image``. A tar that cannot be read to the end yields
-    what it could read and accounts for the rest through the sidecar.
+    what it could read and accounts for the rest through the sidecar; either way the break is appended to
+    ``warnings`` (without a sidecar, nothing can say which rows followed it). ``KEY.txt`` is decoded by ``text``;
+    undecodable text is ``bad_text``, never replaced.
     """
     source = f"webdataset:{tar_path.name}"
     groups: dict[str, dict[str, bytes]] = {}
     tar_error: TarReadError | None = None
     try:
-        for member in iter_tar_members(tar_path):
+        for member in iter_tar_members(tar_path, skipped=skipped):
             groups.setdefault(member.key, {})[member.ext] = member.data or b""
     except TarReadError as exc:
         tar_error = exc
 
     sidecar = _read_sidecar(tar_path)
+    if tar_error is not None and warnings is not None:
+        accounted = "the sidecar parquet accounts for the rows it lists" if sidecar else (
+            "there is no sidecar parquet, so rows after the break cannot be listed")
+        warnings.append(f"{tar_path.name}: cut short or corrupt after {len(groups)} key(s) "
+                        f"({tar_error.reason}); those are kept, {accounted}")
+    last_key = next(reversed(groups), None) if tar_error else None
     for key, files in groups.items():
         meta = _json_or_empty(files.get("json"))
         meta.update({k: v for k, v in sidecar.pop(key, {}).items() if k not in meta and v is not None})
-        caption = files["txt"].decode("utf-8", errors="replace") if "txt" in files else meta.get("caption")
+        record = RawRecord(uid=key, source=source, meta=meta)
+        if "txt" in files:
+            got = decode_text(files["txt"], text)
+            record.caption = got.text if got.text is not None else got.escaped
+            if got.problem:
+                record.problem = ("bad_text", f"{tar_path.name}: key {key}: {key}.txt is {got.problem}"
+                                              + _fix(text, "bad_text"))
+            elif got.change:
+                record.changes.append(got.change.split(" ", 1)[0])
+        else:
+            record.caption = meta.get("caption")
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-        record = RawRecord(uid=key, source=source, caption=caption, meta=meta)
         if "regions" in meta:  # ground-truth regions (the composite world): the reference engines read them
             record.regions, bad = parse_regions(meta.pop("regions"))
             if bad:
-                record.problem = ("bad_regions", f"{tar_path.name}: key {key}: {bad}")
+                record.problem = record.problem or ("bad_regions", f"{tar_path.name}: key {key}: {bad}")
         if image_ext is None:
-            record.problem = record.problem or ("missing_image", f"{tar_path.name}: key {key} has {sorted(files)} but no image member")
+            cut = " (the tar breaks off after it)" if key == last_key else ""
+            record.problem = record.problem or ("missing_image", f"{tar_path.name}: key {key} has {sorted(files)} but no image member{cut}")
         else:
             record.image = files[image_ext]
             record.meta.setdefault("member", f"{key}.{image_ext}")
@@ -224,8 +254,16 @@ def read_webdataset_tar(tar_path: Path) -> Iterator[RawRecord]:
             why = f"tar unreadable after some members ({tar_error.reason})" if tar_error else "no member in the tar"
             problem = ("missing_image", f"{tar_path.name}: key {key} listed as {status or 'present'} in the sidecar parquet but {why}")
         yield RawRecord(uid=key, source=source, caption=row.get("caption"), meta=_jsonable(row), problem=problem)
-    if tar_error and not sidecar and not groups:
-        raise InputError(f"{tar_error} and there is no sidecar parquet to account for its rows")
+
+
+def _fix(rule: IngestConfig | TextRule, reason: str) -> str:
+    """The hint a bad_text detail ends with."""
+    if reason != "bad_text":
+        return ""
+    fallback = rule.fallback_encoding if isinstance(rule, IngestConfig) else rule.fallback
+    if fallback is None:
+        return " (set ingest.fallback_encoding, e.g. cp1252, to decode such text; it is shown with \\x escapes)"
+    return " (check the file's encoding)"
 
 
 def parse_regions(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
@@ -316,11 +354,19 @@ def check_inputs(cfg: IngestConfig) -> None:
             rows += meta.metadata.num_rows
         if rows == 0:
             raise InputError(f"ingest.path {cfg.path!r}: the Parquet files hold no rows")
+    elif cfg.source == "webdataset":
+        for f in input_files(cfg):
+            try:  # the first header only: a file that is no tar at all fails here; a tar cut short later is
+                # read as far as it goes and reported (read_webdataset_tar)
+                with tarfile.open(f, mode="r:*") as tar:
+                    tar.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise InputError(f"{f}: not a readable tar file ({type(exc).__name__}: {exc})") from None
     elif cfg.source == "csv":
         (f,) = input_files(cfg)[:1]
         columns: list[str] = []
         seen: set[str] = set()
-        for row in iter_table_rows(f):
+        for row in iter_table_rows(f, text_rule(cfg)):
             if isinstance(row.value, dict):
                 for k in row.value:
                     if k not in seen:
@@ -374,7 +420,7 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
     unusable (not a JSON object, more fields than the header) is quarantined as ``bad_row``."""
     root = Path(cfg.image_root) if cfg.image_root else path.parent
     source = f"csv:{path.name}"
-    for index, table_row in enumerate(iter_table_rows(path)):
+    for index, table_row in enumerate(iter_table_rows(path, text_rule(cfg))):
         if index < start:
             continue
         if index >= stop:
@@ -383,8 +429,10 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
         row, where = table_row.value, table_row.where
         if table_row.problem is not None or isinstance(row, str):
             text = row if isinstance(row, str) else json.dumps(_jsonable(row))
-            problem = ("bad_row", f"{where}: {table_row.problem}")
-            yield RawRecord(uid=uid, source=source, meta={"line": index + 1, "text": text[:2000]}, problem=problem)
+            problem = (table_row.reason, f"{where}: {table_row.problem}" + _fix(cfg, table_row.reason))
+            caption = row.get(cfg.caption_column) if isinstance(row, dict) else None  # bad_text: \xNN-escaped
+            yield RawRecord(uid=uid, source=source, caption=caption if isinstance(caption, str) else None,
+                            meta={"line": index + 1, "text": text[:2000]}, problem=problem)
             continue
         if cfg.uid_column:
             if row.get(cfg.uid_column) in (None, ""):
@@ -395,7 +443,8 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
         caption = row.get(cfg.caption_column)
         meta = _jsonable({k: v for k, v in row.items() if k != cfg.caption_column})
         meta["row"] = index
-        record = RawRecord(uid=uid, source=source, caption=None if caption is None else str(caption), meta=meta)
+        record = RawRecord(uid=uid, source=source, caption=None if caption is None else str(caption), meta=meta,
+                           changes=list(table_row.changes))
         rel = row.get(image_col) if image_col else None
         if not rel:
             record.problem = ("missing_image", f"{where}: no image path (column {image_col or PATH_COLUMN_CANDIDATES!r})")

@@ -8,7 +8,7 @@ Two kinds of dataset, both holding only the *index* of the data in memory; image
 * :class:`RetrievalSet`: one key and one or more captions per image.
 
 Adapters (each validates the whole index up front and raises ``ValueError`` / ``FileNotFoundError`` naming the
-file, row or key at fault; rows are never dropped silently):
+file, row or key at fault, before any image is encoded; rows are never dropped silently):
 
 ===============================  ==================================================================================
 :func:`load_clip_benchmark`      CLIP_benchmark's webdataset eval format (``root/{split}/*.tar`` + classnames.txt)
@@ -28,14 +28,33 @@ stage fingerprint (``_stage.json``), which is derived from the stage's config an
 Files are read through grain.data.files, the layer ingest reads with: the same image extensions, the same
 webdataset key rule and tar scanner, the same CSV/TSV/JSON/JSONL reader and the same image decoding.
 
+Bad input (tests/test_bad_eval_inputs.py holds one generated case of each):
+
+* Text files (class names, templates, lists, Karpathy JSON) must be UTF-8 (a byte-order mark is dropped): a byte
+  that is not is an error naming the file, line and byte, never replaced — a replaced byte would change a class
+  name or caption without a word. A JSON string holding an unpaired surrogate escape is an error naming the field.
+* Image paths read from a file (lists, Karpathy JSON) stay inside the image root: an absolute path, a ``..``
+  escape or a symbolic link that leads out is an error naming the row, and the file is never read
+  (grain.data.readers.confined, the rule ingest applies to its CSV paths). Keys are the paths normalised
+  (``./a/../b.png`` is ``b.png``), so one image listed twice under two spellings is a duplicate.
+* A webdataset shard that is empty (0 bytes, or no samples), cut short (mid-member, or at a member boundary:
+  then it lacks the end-of-archive blocks) or compressed is an error naming it.
+* Image bytes are not read when indexing (the index must stay cheap for cached embeddings); an image that does
+  not decode stops the encoding with one error naming the dataset, the key and where it comes from
+  (:meth:`ClassificationSet.locations`), before any result or cache entry is written.
+* Only ImageFolder skips anything: files that are not images and hidden folders, listed in ``ignored`` and
+  counted in the eval notes.
+
 ``load`` is a small picklable object (not a closure), so a dataset can be handed to worker processes.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import posixpath
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +66,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from grain.data.files import IMAGE_EXTENSIONS, TarMember, decode_rgb, file_signature, iter_table_rows, iter_tar_members
+from grain.data.files import (
+    IMAGE_EXTENSIONS,
+    TABLE_SUFFIXES,
+    TarMember,
+    TarReadError,
+    decode_rgb,
+    file_signature,
+    iter_table_rows,
+    iter_tar_members,
+)
+from grain.data.readers import confined
 from grain.shards import STAGE_FILE, output_parts
 
 #: The template used when a dataset ships none.
@@ -57,6 +86,8 @@ IMAGE_COLUMNS: tuple[str, ...] = ("image", "path", "filepath")
 LABEL_COLUMNS: tuple[str, ...] = ("label", "class")
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
+#: A label that is a number but not an integer ("1.0", ".5", "1e3"): never a class index, never a class name.
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -77,6 +108,8 @@ class ClassificationSet:
     swap: list[tuple[list[str], list[str]]] | None = None
     #: files under the dataset's folders that are not samples (README.txt, Thumbs.db…), relative to its root
     ignored: list[str] | None = None
+    #: where each key comes from, for messages (a list row, a tar member, a part file); None: the key says it
+    origins: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -98,7 +131,11 @@ class ClassificationSet:
 
     def image(self, i: int) -> Image.Image:
         """Image ``i`` decoded to RGB (EXIF orientation applied, alpha composited on white)."""
-        return decode_rgb(self.load(i), where=f"dataset {self.name!r} key {self.keys[i]!r}")
+        return decode_rgb(self.load(i), where=f"dataset {self.name!r} key {_located(self, i)}")
+
+    def locations(self) -> list[str]:
+        """Each key with where it comes from (``"k1 (10.tar member k1.png)"``), for the messages of the encoder."""
+        return _locations(self)
 
     def prompts(self, classname: str) -> list[str]:
         """Every template filled with ``classname``."""
@@ -114,6 +151,8 @@ class RetrievalSet:
     captions: list[list[str]]
     load: Callable[[int], bytes]
     fingerprint: str
+    #: where each key comes from, for messages (a JSON entry, a part file); None: the key says it
+    origins: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.captions):
@@ -127,7 +166,11 @@ class RetrievalSet:
 
     def image(self, i: int) -> Image.Image:
         """Image ``i`` decoded to RGB (EXIF orientation applied, alpha composited on white)."""
-        return decode_rgb(self.load(i), where=f"dataset {self.name!r} key {self.keys[i]!r}")
+        return decode_rgb(self.load(i), where=f"dataset {self.name!r} key {_located(self, i)}")
+
+    def locations(self) -> list[str]:
+        """Each key with where it comes from (``"k1 (10.tar member k1.png)"``), for the messages of the encoder."""
+        return _locations(self)
 
     def flat_captions(self) -> tuple[list[str], np.ndarray]:
         """All captions in image order and, for each, the index of its image (``int64 [M]``)."""
@@ -137,6 +180,17 @@ class RetrievalSet:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _located(data: ClassificationSet | RetrievalSet, i: int) -> str:
+    key = data.keys[i]
+    return key if data.origins is None else f"{key} ({data.origins[i]})"
+
+
+def _locations(data: ClassificationSet | RetrievalSet) -> list[str]:
+    if data.origins is None:
+        return list(data.keys)
+    return [f"{k} ({o})" for k, o in zip(data.keys, data.origins)]
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -197,9 +251,67 @@ def _check_unique_keys(keys: Sequence[str], where: Sequence[str]) -> None:
             raise ValueError(f"duplicate key {key!r}: {where[j]} and {where[i]}")
 
 
+def _read_text(path: Path, *, what: str) -> str:
+    """The text of a UTF-8 file, a byte-order mark dropped.
+
+    Raises FileNotFoundError naming a missing file, ValueError naming a file that cannot be read (a folder, no
+    permission) or the line and byte of the first byte that is not UTF-8: never replaced, since a replaced byte
+    would change a class name or caption without a word.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist (the {what} file)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = raw[exc.start : exc.end].hex(" ")
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {bad} at byte {column} of the line); save the {what} file as UTF-8"
+        ) from None
+
+
+def _text(value: str, where: str, what: str) -> str:
+    """``value`` after checking it is text UTF-8 can hold: a JSON escape of an unpaired surrogate (``"\\udcff"``)
+    is not, and would otherwise fail later, unnamed, when the fingerprint is hashed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where}: the {what} {value[:80]!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
+            f"{exc.start}), not text"
+        ) from None
+    return value
+
+
+def _inside(root: Path, rel: str, where: str) -> tuple[str, Path]:
+    """``(key, root / rel)`` for an image path read from a file, after checking that it stays inside ``root``.
+
+    The path is normalised first (``./a/../b.png`` → ``b.png``): that is the key and the file read, so two
+    spellings of one image are one key (a duplicate, not two samples). Then ingest's rule
+    (grain.data.readers.confined): an absolute path, a ``..`` escape or a symbolic link that leads out of ``root``
+    is an error naming ``where``, and the file is never opened.
+    """
+    key = posixpath.normpath(rel)
+    if confined(root, key) is None:
+        raise ValueError(
+            f"{where}: image path {rel[:200]!r} leaves the image root {str(root)!r} (absolute, or through '..' or a "
+            f"symbolic link); not read. Paths must be relative to the image root and stay inside it"
+        )
+    return key, root / key
+
+
 def _read_lines(path: Path, *, what: str) -> list[str]:
-    """Non-empty stripped lines of a text file; a blank line *between* entries is an error naming its number."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """Non-empty stripped lines of a UTF-8 text file (``\\r\\n`` and ``\\r`` end lines too, a byte-order mark is
+    dropped); a blank line *between* entries is an error naming its number, and so is a byte that is not UTF-8."""
+    text = _read_text(path, what=f"{what} list")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     out = []
@@ -231,6 +343,14 @@ def _classnames_signature(source: str | Path | Sequence[str] | None) -> list[lis
 
 
 # ----------------------------------------------------------------------------------------------- loaders
+
+
+class ImageReadError(OSError, ValueError):
+    """An image's bytes could not be read (a shard changed or cut short since it was indexed, a null image cell).
+
+    An OSError, so the encoder reports it like a vanished file, naming the dataset and the key; a ValueError, so
+    the command line reports it in one line (exit 2) wherever it is raised.
+    """
 
 
 class _FileLoader:
@@ -265,7 +385,7 @@ class _TarMemberLoader:
             fh.seek(int(self.offset[i]))
             data = fh.read(size)
         if len(data) != size:
-            raise ValueError(f"{path}: member {self.names[i]!r} is truncated ({len(data)} of {size} bytes)")
+            raise ImageReadError(f"{path}: member {self.names[i]!r} is truncated ({len(data)} of {size} bytes)")
         return data
 
 
@@ -303,7 +423,11 @@ class _ParquetImageLoader:
             cached = (where, table.column("image").to_pylist())
             with self._lock:
                 self._cache = cached
-        return cached[1][int(self.row[i])]
+        data = cached[1][int(self.row[i])]
+        if data is None:
+            part, row = self.parts[where[0]], int(self.row[i])
+            raise ImageReadError(f"{part} row group {where[1]} row {row}: the image cell is null")
+        return data
 
 
 # ----------------------------------------------------------------------------------------------- CLIP_benchmark
@@ -325,7 +449,9 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
 
     Raises FileNotFoundError when the folder, shards or class names are missing; ValueError naming the tar and key
     for a key without an image or without ``.cls``, with two images, a ``.cls`` that is not an integer in range,
-    an empty image, a duplicate key, or a tar that cannot be read or is compressed (no offsets to read from).
+    an empty image, a duplicate key; ValueError naming the tar for one that is empty (0 bytes or no samples),
+    cannot be read, is cut short (mid-member, or at a member boundary: no end-of-archive blocks) or is compressed
+    (no offsets to read from); ValueError naming the file and line for a text file that is not UTF-8.
     """
     root = Path(root)
     split_dir = root / split
@@ -351,11 +477,15 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
     labels: list[int] = []
     where: list[str] = []
     member_names: list[str] = []
+    origins: list[str] = []
     shard_idx: list[int] = []
     offsets: list[int] = []
     sizes: list[int] = []
     for s, shard in enumerate(shards):
-        for key, image, cls in _index_tar(shard):
+        samples = _index_tar(shard)
+        if not samples:
+            raise ValueError(f"{shard}: the tar holds no samples (a shard whose export failed?); remove or re-export it")
+        for key, image, cls in samples:
             label_where = f"{shard} key {key!r}"
             if image is None:
                 raise ValueError(f"{label_where}: no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
@@ -377,6 +507,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
             labels.append(label)
             where.append(str(shard))
             member_names.append(image.name)
+            origins.append(f"{shard.name} member {image.name}")
             shard_idx.append(s)
             offsets.append(image.offset)
             sizes.append(image.size)
@@ -392,29 +523,43 @@ def load_clip_benchmark(root: str | Path, split: str = "test", name: str | None 
     )
     name = name or f"{root.name}/{split}"
     sigs = file_signature(sources + list(shards), root)
-    return _classification("clip_benchmark", name, classnames, templates, keys, labels, loader, sigs)
+    data = _classification("clip_benchmark", name, classnames, templates, keys, labels, loader, sigs)
+    data.origins = origins
+    return data
 
 
 def _index_tar(path: Path) -> list[tuple[str, TarMember | None, str | None]]:
     """``[(key, image member, .cls text)]`` of one tar, in order of first appearance (the members' bytes are not
     read, except the ``.cls`` texts). A tar that cannot be read raises grain.data.files.TarReadError (a
-    ValueError naming the tar)."""
+    ValueError naming the tar); an empty file (0 bytes) a ValueError saying so."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: an empty file (0 bytes), not a tar")
     samples: dict[str, list[Any]] = {}
-    for member in iter_tar_members(path, read_exts=("cls",)):
-        entry = samples.setdefault(member.key, [member.key, None, None])
-        if member.ext in IMAGE_EXTENSIONS:
-            if entry[1] is not None:
-                raise ValueError(f"{path} key {member.key!r}: two image members ({entry[1].name!r}, {member.name!r})")
-            entry[1] = member
-        elif member.ext == "cls":
-            try:
-                entry[2] = (member.data or b"").decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path} key {member.key!r}: .cls is not UTF-8 text") from None
+    try:
+        for member in iter_tar_members(path, read_exts=("cls",)):
+            entry = samples.setdefault(member.key, [member.key, None, None])
+            if member.ext in IMAGE_EXTENSIONS:
+                if entry[1] is not None:
+                    raise ValueError(f"{path} key {member.key!r}: two image members ({entry[1].name!r}, {member.name!r})")
+                entry[1] = member
+            elif member.ext == "cls":
+                try:
+                    entry[2] = (member.data or b"").decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path} key {member.key!r}: .cls is not UTF-8 text") from None
+    except TarReadError as exc:
+        if "unexpected end of data" in exc.reason:
+            raise TarReadError(path, f"cut short inside a member; {exc.reason}") from None
+        raise
     return [tuple(v) for v in samples.values()]  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------------------- ImageFolder
+
+
+def _cannot_list(exc: OSError) -> None:
+    """os.walk's error hook: a folder that cannot be listed would silently lose its images; stop, naming it."""
+    raise ValueError(f"{exc.filename}: cannot list the folder ({exc.strerror or exc}); its images would be missing")
 
 
 def _is_image(name: str) -> bool:
@@ -430,11 +575,14 @@ def load_image_folder(
     """An ImageFolder tree ``root/<class>/<image>``; classes are the sorted subfolder names (torchvision's order).
 
     Images are the files with an extension in grain.data.files.IMAGE_EXTENSIONS (any case) anywhere under a class
-    folder, sorted by their path; other files are not samples and are ignored. Keys are ``"<class>/<relative
-    path>"``; the fingerprint signs the images relative to ``root``.
+    folder, sorted by their path; other files, hidden files and hidden folders (not searched: ``.git``,
+    ``.ipynb_checkpoints``) are not samples: they are listed in ``ignored`` (relative to ``root``, a folder with a
+    trailing ``/``), which the eval notes count. Keys are ``"<class>/<relative path>"``; the fingerprint signs the
+    images relative to ``root``. Links are followed (the tree is the user's own layout, not paths read from a file).
     ``classnames`` optionally gives display names: a list aligned with the sorted folders, or a mapping folder →
     name (every folder must be in it). Raises FileNotFoundError for a missing root, no class folders or an empty
-    class folder, ValueError for image files directly in ``root`` (probably the wrong root).
+    class folder, ValueError for image files directly in ``root`` (probably the wrong root), a folder that cannot be
+    listed, or a classnames file that is not UTF-8.
     """
     root = Path(root)
     if not root.is_dir():
@@ -460,10 +608,12 @@ def load_image_folder(
     keys: list[str] = []
     paths: list[str] = []
     labels: list[int] = []
-    ignored = sorted(e.name for e in os.scandir(root) if e.is_file())  # beside the class folders: not samples
+    # beside the class folders (files, hidden folders): not samples
+    ignored = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(root) if not e.is_dir() or e.name.startswith("."))
     for label, folder in enumerate(folders):
         found = []
-        for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root / folder, onerror=_cannot_list, followlinks=True):
+            ignored += [Path(dirpath, d).relative_to(root).as_posix() + "/" for d in sorted(dirnames) if d.startswith(".")]
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for f in filenames:
                 if _is_image(f) and not f.startswith("."):
@@ -497,21 +647,27 @@ def load_labelled_list(
     """A list of (image path, label) in CSV, TSV, JSON (a list of objects) or JSONL.
 
     The image path comes from the first of the columns ``image``, ``path``, ``filepath`` the file has, the label
-    from ``label`` or ``class``. Relative paths are resolved against ``image_root`` (default: the list's folder).
-    A label is an integer index (a JSON integer, or a string of digits that is not itself a class name) or a class
-    NAME. With names and no ``classnames``, the classes are the sorted unique names; ``classnames`` (a list, or a
-    file with one name per line) fixes the classes and their order, and every name must be in it. Integer labels
-    need ``classnames``.
+    from ``label`` or ``class``. Paths are relative to ``image_root`` (default: the list's folder) and must stay
+    inside it (an absolute path, a ``..`` escape or a link out is an error naming the row, and is not read); keys
+    are the paths normalised (``./a.png`` → ``a.png``). A label is an integer index (a JSON integer, or a string of
+    digits that is not itself a class name) or a class NAME; a number that is not an integer (``1.0``) is neither.
+    With names and no ``classnames``, the classes are the sorted unique names; ``classnames`` (a list, or a file
+    with one name per line) fixes the classes and their order, and every name must be in it. Integer labels need
+    ``classnames``.
 
-    The file is read by grain.data.files.iter_table_rows (the reader of ingest's ``csv`` source: ``utf-8-sig``, so
-    a byte-order mark is ignored). The fingerprint signs the list (by its name), a classnames file (by its name)
-    and the images relative to ``image_root``.
+    The file is read by grain.data.files.iter_table_rows (the reader of ingest's ``csv`` source; a byte-order mark
+    is ignored), after checking that every byte of it is UTF-8. The fingerprint signs the list (by its name), a
+    classnames file (by its name) and the images relative to ``image_root``.
 
-    Raises FileNotFoundError naming the row for a missing image, ValueError naming the row for a missing column, a
-    row that is not a JSON object or has more fields than the CSV header, an unknown class name, an index out of
-    range, an ambiguous (duplicated) class name or a duplicate image.
+    Raises FileNotFoundError naming the row for a missing image, ValueError naming the row for a missing column or
+    value (a CSV row shorter than its header), a row that is not a JSON object or has more fields than the CSV
+    header, a path outside the image root, an unknown class name, a label that is a number but not an integer, an
+    index out of range, an ambiguous (duplicated) class name or a duplicate image, and ValueError naming the line
+    of the first byte that is not UTF-8.
     """
     path = Path(path)
+    if path.suffix.lower() in TABLE_SUFFIXES:  # another suffix: iter_table_rows names the formats it reads
+        _read_text(path, what="list")  # every byte UTF-8, or an error naming the line (nothing is replaced)
     records: list[tuple[str, dict[str, Any]]] = []
     for table_row in iter_table_rows(path):
         if table_row.problem is not None or not isinstance(table_row.value, dict):
@@ -539,18 +695,24 @@ def load_labelled_list(
         if image_col is None or label_col is None:
             missing = "image column (" + "/".join(IMAGE_COLUMNS) + ")" if image_col is None else "label column (" + "/".join(LABEL_COLUMNS) + ")"
             raise ValueError(f"{loc}: no {missing}; the row has {sorted(row)}")
+        for col in (image_col, label_col):
+            if row[col] is None:
+                short = path.suffix.lower() in (".csv", ".tsv")
+                raise ValueError(f"{loc}: no value in column {col!r} ("
+                                 + ("the row has fewer fields than the header)" if short else "null)"))
         rel = row[image_col]
         if not isinstance(rel, str) or not rel.strip():
             raise ValueError(f"{loc}: empty or non-string image path {rel!r}")
-        rel = rel.strip()
-        full = Path(rel) if os.path.isabs(rel) else base / rel
+        rel, full = _inside(base, _text(rel.strip(), loc, "image path"), loc)
         if not full.is_file():
             raise FileNotFoundError(f"{loc}: image {full} does not exist")
         value = row[label_col]
-        if isinstance(value, bool) or value is None or not isinstance(value, (int, str)):
+        if isinstance(value, float):
+            raise ValueError(f"{loc}: label {value!r} is a number but not an integer class index")
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{loc}: label {value!r} is neither a class name nor an integer index")
         if isinstance(value, str):
-            value = value.strip()
+            value = _text(value.strip(), loc, "label")
             if not value:
                 raise ValueError(f"{loc}: empty label")
         keys.append(rel)
@@ -561,6 +723,9 @@ def load_labelled_list(
 
     labels: list[int] = []
     if names is None:
+        for loc, value in zip(where, raw_labels):
+            if isinstance(value, str) and _NUMBER_RE.match(value):
+                raise ValueError(f"{loc}: label {value!r} is a number but not an integer class index")
         ints = [v for v in raw_labels if isinstance(v, int) or _INT_RE.match(v)]
         if ints:
             i = next(i for i, v in enumerate(raw_labels) if isinstance(v, int) or _INT_RE.match(v))
@@ -582,11 +747,15 @@ def load_labelled_list(
                 raise ValueError(f"{loc}: label index {index} outside [0, {len(names)}) of the {len(names)} classnames")
             labels.append(index)
             continue
+        if _NUMBER_RE.match(value):
+            raise ValueError(f"{loc}: label {value!r} is a number but not an integer class index (nor a class name)")
         raise ValueError(f"{loc}: unknown class name {value!r} (not in the {len(names)} classnames)")
 
     sigs = file_signature([path], path.parent) + _classnames_signature(classnames) + file_signature(paths, base)
     name = name or path.stem
-    return _classification("labelled_list", name, names, templates, keys, labels, _FileLoader(paths), sigs)
+    data = _classification("labelled_list", name, names, templates, keys, labels, _FileLoader(paths), sigs)
+    data.origins = [f"row {w}" for w in where]
+    return data
 
 
 # ----------------------------------------------------------------------------------------------- Karpathy
@@ -597,39 +766,52 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
 
     The JSON is ``{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw": ...}, ...]}, ...]}``; an
     image's path is ``image_root/filepath/filename`` (``filepath`` is COCO's ``val2014`` folder; Flickr30k has
-    none) and its key ``"filepath/filename"``. Every sentence's ``raw`` text (stripped) is kept, in file order.
+    none) and its key ``"filepath/filename"`` (normalised). Every sentence's ``raw`` text (stripped) is kept, in
+    file order. The path must stay inside ``image_root`` (an absolute path, a ``..`` escape or a link out is an
+    error naming the entry, and is not read).
 
     Raises FileNotFoundError naming the image for a missing file, ValueError for a split that is not in the file
-    (listing those that are), an entry without filename or sentences, a blank sentence or a duplicate image.
+    (listing those that are), a file that is not UTF-8 (naming the line) or not JSON, no ``images`` list, an entry
+    without split, filename or sentences, a blank sentence, a path outside ``image_root``, text holding an unpaired
+    surrogate escape, or a duplicate image.
     """
     json_path = Path(json_path)
     image_root = Path(image_root)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{json_path} does not exist") from None
+        data = json.loads(_read_text(json_path, what="Karpathy split JSON"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{json_path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path}: expected an object with an 'images' list (Karpathy split format)")
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{json_path}: expected an object with an 'images' list (Karpathy split format), got {type(data).__name__}"
+        )
+    if "images" not in data:
+        raise ValueError(f"{json_path}: no 'images' key (Karpathy split format); the object has keys {sorted(data)[:10]}")
+    if not isinstance(data["images"], list):
+        raise ValueError(f"{json_path}: 'images' is {type(data['images']).__name__}, not a list (Karpathy split format)")
     keys: list[str] = []
     paths: list[str] = []
     captions: list[list[str]] = []
     where: list[str] = []
+    origins: list[str] = []
     splits: set[str] = set()
     for n, entry in enumerate(data["images"]):
         loc = f"{json_path} images[{n}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{loc}: expected an object")
-        splits.add(str(entry.get("split")))
-        if entry.get("split") != split:
+        if not isinstance(entry.get("split"), str):
+            raise ValueError(f"{loc}: no 'split' (every entry names its split: train, val, test or restval)")
+        splits.add(entry["split"])
+        if entry["split"] != split:
             continue
         filename = entry.get("filename")
         if not isinstance(filename, str) or not filename:
             raise ValueError(f"{loc}: no 'filename'")
         folder = entry.get("filepath") or ""
-        key = f"{folder}/{filename}" if folder else filename
-        loc = f"{loc} ({key})"
+        if not isinstance(folder, str):
+            raise ValueError(f"{loc}: 'filepath' is {folder!r}, not a folder name")
+        rel = _text(f"{folder}/{filename}" if folder else filename, loc, "image path")
+        loc = f"{loc} ({rel})"
         sentences = entry.get("sentences")
         if not isinstance(sentences, list) or not sentences:
             raise ValueError(f"{loc}: no 'sentences'")
@@ -638,10 +820,11 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
             if not isinstance(raw, str) or not raw.strip():
                 raise ValueError(f"{loc}: sentence {k} has no 'raw' text")
-            caps.append(raw.strip())
-        full = image_root / key
+            caps.append(_text(raw.strip(), f"{loc} sentence {k}", "caption"))
+        key, full = _inside(image_root, rel, loc)
         if not full.is_file():
             raise FileNotFoundError(f"{loc}: image {full} does not exist")
+        origins.append(f"{json_path.name} images[{n}]")
         keys.append(key)
         paths.append(str(full))
         captions.append(caps)
@@ -652,7 +835,7 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     sigs = file_signature([json_path], json_path.parent) + file_signature(paths, image_root)
     name = name or f"{json_path.stem}/{split}"
     fp = _fingerprint("karpathy", name=name, keys=keys, captions=captions, sources=sigs)
-    return RetrievalSet(name, keys, captions, _FileLoader(paths), fp)
+    return RetrievalSet(name, keys, captions, _FileLoader(paths), fp, origins)
 
 
 # ----------------------------------------------------------------------------------------------- samples/
@@ -669,6 +852,11 @@ class _SamplesIndex:
     group: np.ndarray
     row: np.ndarray
     sources: list[list[Any]]  # the folder's identity for a fingerprint: [["stage", its stage fingerprint]]
+
+    def origins(self) -> list[str]:
+        """The part file of each row (for messages)."""
+        names = [Path(p).name for p in self.parts]
+        return [names[p] for p in self.part.tolist()]
 
 
 def _stage_header(samples_dir: str | Path) -> dict[str, Any]:
@@ -773,7 +961,9 @@ def load_samples(
     name = name or Path(samples_dir).name
     # the label map changes what the labels mean, so it enters the fingerprint through the sources list
     sources = sources + [["label_map", label_map_part]]
-    return _classification("samples", name, names, templates, index.uids, labels, loader, sources)
+    data = _classification("samples", name, names, templates, index.uids, labels, loader, sources)
+    data.origins = index.origins()
+    return data
 
 
 def load_samples_retrieval(samples_dir: str | Path, name: str | None = None) -> RetrievalSet:
@@ -790,7 +980,7 @@ def load_samples_retrieval(samples_dir: str | Path, name: str | None = None) -> 
     loader = _ParquetImageLoader(index.parts, index.part, index.group, index.row)
     name = name or Path(samples_dir).name
     fp = _fingerprint("samples_retrieval", name=name, keys=index.uids, captions=captions, sources=index.sources)
-    return RetrievalSet(name, index.uids, captions, loader, fp)
+    return RetrievalSet(name, index.uids, captions, loader, fp, index.origins())
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from grain import faults
 from grain.config import EvalConfig, EvalDatasetConfig, IngestConfig, SyntheticConfig
 from grain.contracts import EVAL_SCHEMA, rows_to_table
 from grain.evaluate.datasets import fill_template
@@ -65,7 +66,25 @@ def _synthetic_samples(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Pa
 
 
 def load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, progress: bool = False) -> tuple[list[Any], dict[str, list[str]] | None]:
-    """([ClassificationSet and/or RetrievalSet], descriptor JSON or None) for one dataset entry."""
+    """([ClassificationSet and/or RetrievalSet], descriptor JSON or None) for one dataset entry.
+
+    A problem with the dataset's files (grain.evaluate.datasets names the file, row, key or line) is raised as one
+    FileNotFoundError / ValueError whose message starts with ``evaluate.datasets[NAME]``, so the command line's
+    one-line error (exit 2) says which dataset of the config it is about. Nothing is encoded before every dataset
+    has loaded (:func:`evaluate`).
+    """
+    prefix = f"evaluate.datasets[{ds.name}]"
+    try:
+        return _load_dataset(ds, base, workdir, progress)
+    except (FileNotFoundError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith(prefix):
+            raise
+        kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError
+        raise kind(f"{prefix} ({ds.kind}): {message}") from exc
+
+
+def _load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, progress: bool) -> tuple[list[Any], dict[str, list[str]] | None]:
     from grain.evaluate import datasets as D
     from grain.evaluate.descriptors import read_descriptor_json
 
@@ -98,6 +117,9 @@ def load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, pr
     elif ds.kind == "list":
         data = D.load_labelled_list(ds.path, image_root=ds.image_root, classnames=ds.classnames, name=ds.name, templates=templates)
     elif ds.kind == "karpathy":
+        if ds.image_root is None:
+            raise ValueError(f"evaluate.datasets[{ds.name}]: image_root (the folder the JSON's image paths are relative "
+                             f"to) is required for kind karpathy")
         data = D.load_karpathy(ds.path, ds.image_root, split=ds.split, name=ds.name)
     else:  # samples: classification when classnames are given, caption retrieval when asked
         sets = []
@@ -149,7 +171,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
         emb, hit = cache.get_or_compute(
             data.fingerprint,
             lambda data=data: encode_images(model, len(data.keys), data.load, batch_size=cfg.batch_size,
-                                            device=device, progress=progress, desc=ds.name, keys=data.keys),
+                                            device=device, progress=progress, desc=ds.name, keys=data.locations()),
             required=("boxes",) if model.uses_decoder else (),
         )
         result.cached += int(hit)
@@ -157,7 +179,8 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
         result.datasets[ds.name] = _describe_dataset(data)
         if getattr(data, "ignored", None):
             shown = ", ".join(data.ignored[:5]) + (f" and {len(data.ignored) - 5} more" if len(data.ignored) > 5 else "")
-            result.skipped.append(f"{ds.name}: {len(data.ignored)} file(s) that are not images ignored ({shown})")
+            result.skipped.append(f"{ds.name}: {len(data.ignored)} file(s) or hidden folder(s) that are not samples "
+                                  f"ignored ({shown})")
             result.datasets[ds.name]["ignored_files"] = len(data.ignored)
         scored = score_dataset(cfg, model, text, data, emb, descriptor_json, where=ds.descriptors or f"{ds.name} descriptors")
         result.skipped += [f"{ds.name}: {s}" for s in scored.pop("skipped")]
@@ -171,6 +194,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     tmp = out_dir / (RESULTS_FILE + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out_dir / RESULTS_FILE)
+    faults.point("evaluate:written")
     (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir,
                                                       model_info(model_dir), result.datasets))
     result.seconds = time.perf_counter() - t0

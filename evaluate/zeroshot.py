@@ -36,6 +36,7 @@ re-encodes nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +47,8 @@ from torch import Tensor
 
 from grain.train.data import load_image
 from grain.train.model import GrainModel, text_tokenizer
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ encoders
 
@@ -123,14 +126,22 @@ class EmbeddingCache:
     def get_or_compute(self, dataset_fp: str, compute: Callable[[], dict[str, Tensor]],
                        required: Sequence[str] = ()) -> tuple[dict[str, Tensor], bool]:
         """(embeddings, hit) — computes, stores atomically and returns on a miss (or when a cached file lacks one
-        of the ``required`` keys, e.g. boxes in a file written before they were cached)."""
+        of the ``required`` keys, e.g. boxes in a file written before they were cached).
+
+        The cache is only ever read as safetensors: a file that is not (corrupt, truncated, or anything planted
+        there, e.g. a pickle) is a miss, logged with its path, and is replaced by the recomputed embeddings."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file, save_file
 
         path = self.path(dataset_fp)
         if path.exists():
-            emb = load_file(str(path))
-            if all(k in emb for k in required):
-                return emb, True
+            try:
+                emb = load_file(str(path))
+            except SafetensorError as exc:
+                log.warning("embedding cache %s is not a valid safetensors file (%s); recomputing it", path, exc)
+            else:
+                if all(k in emb for k in required):
+                    return emb, True
         emb = compute()
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -226,7 +226,11 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
     for name, st in summaries.items():
         counts = {k: st[k] for k in ("steps", "bad_steps", "encoded", "cached") if k in st}
         totals = st.get("totals") or {}
-        counts.update({k: totals[k] for k in ("rows_in", "rows_out") if k in totals})
+        counts.update({k: totals[k] for k in ("rows_in", "rows_out", "rows_described", "rows_no_description",
+                                              "rows_with_errors", "normalised", "inputs_cut_short")
+                       if k in ("rows_in", "rows_out") and k in totals or totals.get(k)})
+        if totals.get("quarantined"):
+            counts["quarantined"] = totals["quarantined"]
         took = f"{st.get('wall_seconds', 0):.1f} s"
         this_run = f"cached (took {took} when it ran)" if st.get("reused") else took
         lines.append(f"| {name} | `{st['out']}` | {this_run} | {json.dumps(counts)} |")

@@ -4,6 +4,7 @@ holds logic a notebook or a Prefect task could not call directly."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -64,11 +65,20 @@ def _run_stage(cfg: PipelineConfig, stage: str, given: dict[str, Path | None], o
     """Plan ``stage`` through the registry (grain.stages), run it into ``out`` or its planned folder."""
     from grain import stages
 
+    target = None
     try:
         step = stages.plan(cfg, stage, given)
-        return step.stage.run(cfg, step.inputs, (out or step.out).absolute(), **opts)
+        target = (out or step.out).absolute()
+        return step.stage.run(cfg, step.inputs, target, **opts)
     except USER_ERRORS as exc:
         _fail(exc)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(RuntimeError(
+            f"disk full while {stage} was writing to {target or cfg.workdir} ({exc.strerror or exc}); the shard being "
+            f"written was dropped, finished shards are intact. Free space (or set workdir elsewhere) and rerun: only "
+            f"unfinished shards run"))
 
 
 @app.command()
@@ -114,6 +124,10 @@ def describe(
     cfg = _load(config, set_)
     summary = _run_stage(cfg, "describe", {"samples": samples}, out, rank=rank, world_size=world_size, progress=progress)
     _report(summary)
+    if "rows_described" in summary["totals"]:
+        from grain.annotate.describe import format_counts
+
+        typer.echo(f"  {format_counts(summary['totals'])}")
     if summary.get("rows_with_errors"):
         typer.echo(f"  {summary['rows_with_errors']} row(s) have an error (kept, with the reason in 'error'); rerun to retry them")
 
@@ -418,6 +432,12 @@ def _report(summary: dict) -> None:
         t = summary["totals"]
         q = sum(t["quarantined"].values())
         typer.echo(f"  rows in {t['rows_in']}, out {t['rows_out']}, quarantined {q} {t['quarantined'] or ''}".rstrip())
+        if t.get("normalised"):
+            typer.echo(f"  kept after normalising: {t['normalised']} (meta.grain_normalised says which rows)")
+        if t.get("skipped_members"):
+            typer.echo(f"  tar members skipped (not rows): {t['skipped_members']}")
+        for warning in t.get("warnings", []):
+            typer.echo(f"  warning: {warning}")
     else:
         typer.echo("  stage incomplete: other ranks still have shards to run")
     typer.echo(f"  output: {summary['out']}")
@@ -432,7 +452,8 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def stats(folder: Annotated[Path, typer.Argument(help="A stage output folder, e.g. runs/default/samples/<fp>.")]) -> None:
-    """Summarise a stage folder: shards done, row counts, quarantine reasons with an example each."""
+    """Summarise a stage folder: shards done, row counts, quarantine reasons with an example each; for describe
+    also the rows described, with no usable description and with an error (an example uid each)."""
     from grain.shards import SUCCESS_FILE, iter_markers, read_json
 
     if not (folder / "_stage.json").exists():
@@ -445,6 +466,10 @@ def stats(folder: Annotated[Path, typer.Argument(help="A stage output folder, e.
     rows_in = sum(m["rows_in"] for m in markers)
     rows_out = sum(m["rows_out"] for m in markers)
     typer.echo(f"  rows in {rows_in}, out {rows_out}, quarantined {rows_in - rows_out}")
+    if header["stage"] == "describe":
+        from grain.annotate.describe import format_counts, summarize
+
+        typer.echo(f"  {format_counts(summarize(folder))}")
     quarantine = sorted((folder / "quarantine").glob("part-*.parquet"))
     if quarantine:
         import pyarrow.parquet as pq
@@ -456,6 +481,20 @@ def stats(folder: Annotated[Path, typer.Argument(help="A stage output folder, e.
                 examples[row["reason"]] = (n + 1, detail)
         for reason, (n, detail) in sorted(examples.items()):
             typer.echo(f"  {reason}: {n}  e.g. {detail}")
+    normalised: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for m in markers:
+        for key, n in (m.get("normalised") or {}).items():
+            normalised[key] = normalised.get(key, 0) + n
+        for key, n in (m.get("skipped_members") or {}).items():
+            skipped[key] = skipped.get(key, 0) + n
+    if normalised:
+        typer.echo(f"  kept after normalising: {dict(sorted(normalised.items()))}")
+    if skipped:
+        typer.echo(f"  tar members skipped (not rows): {dict(sorted(skipped.items()))}")
+    for m in markers:
+        for warning in m.get("warnings") or []:
+            typer.echo(f"  warning: {m['shard']}: {warning}")
 
 
 @app.command()

@@ -10,6 +10,7 @@ code version; it names the stage's output folder (see ``grain.shards``).
 
 from __future__ import annotations
 
+import codecs
 import copy
 
 import difflib
@@ -140,11 +141,28 @@ class IngestConfig(_Frozen):
         "stage", description="stage: a uid is accepted once in the whole stage — a later copy (a later shard, or "
         "later in its shard) is quarantined as duplicate_uid; this reads every shard's uids first (tar headers, the "
         "uid column). shard: only within a shard (no pre-pass; for inputs whose uids are unique by construction).")
+    text_encoding: str = Field(
+        "utf-8", description="Encoding of csv/tsv/jsonl/json lists and of webdataset .txt captions (a UTF-8 "
+        "byte-order mark is dropped). Text is never decoded with replacement characters: see fallback_encoding.")
+    fallback_encoding: str | None = Field(
+        None, description="Text whose bytes are not valid text_encoding: null (default) quarantines the row as "
+        "bad_text, naming the file, row, column and byte; an encoding (e.g. cp1252, latin-1) decodes it with that "
+        "instead and records it in the row's meta.grain_normalised (text_decoded:<encoding>).")
     max_side: int | None = Field(1024, ge=16, description="Downscale images whose longer side exceeds this.")
     min_side: int = Field(8, ge=1, description="Quarantine images whose shorter side is below this.")
     max_pixels: int = Field(89_478_485, ge=1, description="Quarantine (without decoding) images above this.")
     jpeg_quality: int = Field(95, ge=50, le=100, description="Quality when an image must be re-encoded as JPEG.")
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("text_encoding", "fallback_encoding")
+    @classmethod
+    def _known_codec(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {value!r} (Python codec names: utf-8, cp1252, latin-1, shift_jis, …)") from None
+        return value
 
     @model_validator(mode="after")
     def _needs_path(self) -> IngestConfig:

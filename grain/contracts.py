@@ -117,6 +117,7 @@ QUARANTINE_REASONS: dict[str, str] = {
     "duplicate_uid": "a row with the same uid was already accepted",
     "bad_row": "the input row could not be parsed (malformed JSON/CSV line, wrong types)",
     "bad_regions": "the row's ground-truth regions (webdataset KEY.json 'regions') are malformed",
+    "bad_text": "the caption's bytes are not valid ingest.text_encoding and no ingest.fallback_encoding is set",
     "outside_root": "the row's image path resolves outside ingest.image_root (absolute, '..' or a link); not read",
 }
 

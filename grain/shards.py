@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grain import faults
 from grain.contracts import QUARANTINE_REASONS, QUARANTINE_SCHEMA, ContractError, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -187,10 +188,12 @@ class ShardSink:
             setattr(self, writer_attr, None)
             _fsync_file(tmp)
         self.bytes_out = self._tmp.stat().st_size
+        faults.point("shard:written")
         os.replace(self._tmp, self.part_path)
         os.replace(self._qtmp, self.quarantine_path)
         _fsync_dir(self.quarantine_path.parent)
         _fsync_dir(self.out_dir)
+        faults.point("shard:renamed")
         marker = {
             "shard": self.shard.name,
             "index": self.shard.index,
@@ -470,16 +473,37 @@ def run_stage(
 
 
 def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
+    """The stage's totals: rows in/out, bytes, seconds, quarantine reasons, and every other count the stage put in
+    its markers, summed over shards: an integer stat (describe's ``empty_replies``) and a dict of integer stats
+    (ingest's ``normalised``) alike, and every shard's ``warnings`` (a list of sentences), prefixed with the shard.
+    The shard's own bookkeeping (index, shard inputs) is not a count."""
     quarantined: Counter[str] = Counter()
-    totals = {"num_shards": num_shards, "rows_in": 0, "rows_out": 0, "bytes": 0, "seconds": 0.0}
+    totals: dict[str, Any] = {"num_shards": num_shards, "rows_in": 0, "rows_out": 0, "bytes": 0, "seconds": 0.0}
+    counts: dict[str, Any] = {}
     for i in range(num_shards):
         marker = read_json(out_dir / DONE_DIR / f"part-{i:05d}.json")
         for key in ("rows_in", "rows_out", "bytes", "seconds"):
             totals[key] += marker[key]
         quarantined.update(marker["quarantined"])
+        for key, value in marker.items():
+            if key in totals or key in _NOT_COUNTS:
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                counts[key] = counts.get(key, 0) + value
+            elif isinstance(value, dict) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+                merged = counts.setdefault(key, Counter())
+                if isinstance(merged, Counter):
+                    merged.update(value)
+            elif key == "warnings" and isinstance(value, list):
+                totals.setdefault("warnings", []).extend(f"{marker['shard']}: {w}" for w in value)
     totals["seconds"] = round(totals["seconds"], 3)
     totals["quarantined"] = dict(sorted(quarantined.items()))
+    for key, value in sorted(counts.items()):
+        totals[key] = dict(sorted(value.items())) if isinstance(value, Counter) else value
     return totals
+
+
+_NOT_COUNTS = frozenset({"index", "shard", "name", "rank", "start", "stop", "inputs", "quarantined", "stage", "fingerprint", "committed_at"})
 
 
 _LISTENERS: list[Callable[[str, Path, int, int], None]] = []

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from grain.config import IngestConfig
-from grain.data.files import TarReadError, file_signature, iter_table_rows, iter_tar_members, split_member_name
+from grain.data.files import TarReadError, TextRule, file_signature, iter_table_rows, iter_tar_members, split_member_name
 from grain.data.images import normalise_image
 from grain.data.ingest import ingest
 from grain.data.readers import input_signature, read_webdataset_tar
@@ -146,7 +146,14 @@ def test_table_rows_drop_a_bom_and_keep_unusable_rows(tmp_path):
     assert [r.where for r in rows] == [f"{csv_path}:2", f"{csv_path}:3", f"{csv_path}:5"]
     assert rows[0].value == {"image": "a.png", "caption": "one"} and rows[0].problem is None
     assert rows[1].problem == "3 fields but the header has 2"
-    assert rows[2].value["caption"] == "caf\ufffd"  # invalid UTF-8 is replaced, not fatal
+    # invalid UTF-8 is never replaced: the row is unusable (bad_text), its field shown with escapes, the byte named
+    assert rows[2].reason == "bad_text" and rows[2].value["caption"] == "caf\\xe9"
+    assert "column 'caption' is not valid utf-8: byte e9 at offset 3" in rows[2].problem
+    # ...or decoded by a fallback encoding the user names, and the row says so
+    rows = list(iter_table_rows(csv_path, TextRule("utf-8", "cp1252")))
+    assert rows[2].value["caption"] == "caf\u00e9" and rows[2].problem is None
+    assert rows[2].changes == ("text_decoded:cp1252 (column 'caption')",)
+    assert rows[0].changes == () and rows[1].reason == "bad_row"
 
     jsonl = tmp_path / "l.jsonl"
     jsonl.write_bytes(b'\xef\xbb\xbf{"image": "a.png"}\n[1, 2]\n{broken\n')

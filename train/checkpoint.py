@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from grain import faults
 from grain.shards import write_json_atomic
 from grain.train.model import GrainModel, save_model
 
@@ -100,6 +102,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(model, tmp)
+    faults.point("checkpoint:weights")
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
     with open(tmp / OPTIM_FILE, "wb") as fh:
@@ -115,6 +118,7 @@ def save_checkpoint(
         os.fsync(fd)
     finally:
         os.close(fd)
+    faults.point("checkpoint:renamed")
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_dir.glob("step_*.tmp"):
@@ -122,12 +126,36 @@ def save_checkpoint(
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely (not safetensors, or a pickle holding more than tensors and
+    plain containers). The message names the file; nothing in it was executed."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(model state dict, {optimizer, scheduler} state, meta) of a checkpoint — safetensors and weights_only only."""
+    """(model state dict, {optimizer, scheduler} state, meta) of a checkpoint — safetensors and weights_only only.
+
+    Raises :class:`CheckpointError` naming the file when the weights are not valid safetensors or ``optim.pt`` holds
+    anything ``torch.load(weights_only=True)`` refuses (e.g. a planted pickle payload): such a file is never unpickled
+    with code, and the message says so instead of torch's hint to retry with ``weights_only=False``.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = load_file(str(path / "model.safetensors"), device=str(map_location))
-    optim = torch.load(path / OPTIM_FILE, map_location=map_location, weights_only=True)
+    weights_file, optim_file = path / "model.safetensors", path / OPTIM_FILE
+    try:
+        weights = load_file(str(weights_file), device=str(map_location))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights_file}: not a valid safetensors file ({exc}); delete the checkpoint folder "
+                              f"{path} or resume from another one") from exc
+    try:
+        optim = torch.load(optim_file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{optim_file}: refused to load: it holds objects other than tensors and plain containers "
+                              "(a tampered or foreign file?), and checkpoints are only ever loaded with "
+                              f"torch.load(weights_only=True); do not load it otherwise. Delete the checkpoint folder "
+                              f"{path} or resume from another one") from exc
+    except RuntimeError as exc:  # e.g. a truncated archive: torch's message does not say which file
+        raise CheckpointError(f"{optim_file}: cannot be loaded ({exc})") from exc
     meta = json.loads((path / META_FILE).read_text())
     return weights, optim, meta

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from grain import faults
 from grain.config import TrainConfig, canonical_json
 from grain.shards import write_json_atomic
 from grain.stages import STAGE_FILE, TRAIN, TRAIN_SUMMARY_FILE, input_fingerprint
@@ -395,6 +396,7 @@ def _log_metrics(writer: Any, fh: Any, step: int, metrics: dict[str, float]) -> 
                 continue
             group = "loss" if key.startswith("loss") else "train"
             writer.add_scalar(f"{group}/{key}", value, step)
+    faults.point("train:logged")
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:

@@ -440,6 +440,7 @@ def save_model(model: GrainModel, folder: str | Path) -> Path:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GrainModel:
     """Restore a model written by :func:`save_model` (or a checkpoint's folder), in eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -450,7 +451,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> GrainM
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r} is not supported (expected {EXPORT_FORMAT})")
     model = GrainModel(meta["arch"], meta["mode"])
-    state = load_file(str(folder / MODEL_WEIGHTS_FILE))
+    try:
+        state = load_file(str(folder / MODEL_WEIGHTS_FILE))
+    except SafetensorError as exc:  # weights are only ever read as safetensors, never unpickled
+        raise ValueError(f"{folder / MODEL_WEIGHTS_FILE}: not a valid safetensors file ({exc})") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not fit the arch (missing {missing[:5]}, unexpected {unexpected[:5]})")
