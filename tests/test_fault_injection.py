@@ -51,7 +51,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(base, name, tmp_path, mo
     fk.prepare(base["work"], work, base["refs"][before][0] if before else {})
     sc = fk.scenario(name, GRAIN, work / "grain.yaml", base["sizes"])
     log = tmp_path / "run.log"
-    outcome = fk.trial(sc, work, ref, seconds, kills=2, rng=random.Random(f"{name}-ci"), log=log)
+    outcome = fk.trial(sc, work, ref, seconds, kills=2, rng=random.Random(f"{name}-ci"), log=log, aim_first=True)
     assert outcome.ok, f"{outcome.problems}; log tail:\n{log.read_text(errors='replace')[-3000:]}"
     assert outcome.kills, f"no kill landed ({outcome.not_reached}): the trial proved nothing"
     assert outcome.kills[0].startswith("point"), outcome.kills  # the aimed kill always lands: its point is reached

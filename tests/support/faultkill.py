@@ -218,17 +218,19 @@ def reference(sc: Scenario, workdir: Path, log: Path | None = None) -> tuple[dic
 
 
 def trial(sc: Scenario, workdir: Path, ref: dict[str, Any], ref_seconds: float, kills: int, rng: random.Random,
-          log: Path | None = None) -> Outcome:
+          log: Path | None = None, aim_first: bool | None = None) -> Outcome:
     """Kill ``sc`` up to ``kills`` times in ``workdir`` (which holds its inputs), alternating a named kill point
     (picked at random among ``sc.points``, at a random visit up to the ``@n`` given there) and a random moment
-    within an uninterrupted run's duration, rerunning after each; stop killing once a run finishes first. Then
-    finish and check the invariants."""
+    (within an uninterrupted run's duration for the first run; within its first half for a rerun, which resumes
+    and has less left to do), rerunning after each; stop killing once a run finishes first. ``aim_first``: start
+    with the aimed kill (None: a coin flip). Then finish and check the invariants."""
     outcome = Outcome(sc.name)
     t0 = time.perf_counter()
     attempts = 0
+    first = (rng.random() < 0.5) if aim_first is None else aim_first
     while len(outcome.kills) < kills and attempts < 4 * kills:
         attempts += 1
-        aim_point = sc.points and (attempts % 2 == 1)
+        aim_point = sc.points and ((attempts % 2 == 1) == first)
         if aim_point:
             name = rng.choice(sc.points)
             target, _, most = name.partition("@")
@@ -236,7 +238,7 @@ def trial(sc: Scenario, workdir: Path, ref: dict[str, Any], ref_seconds: float, 
             status, rc = run(sc, workdir, kill_at=point, log=log)
             label = f"point {point}"
         else:
-            after = rng.uniform(0.1, 0.95) * ref_seconds
+            after = rng.uniform(0.1, 0.95 if attempts == 1 else 0.5) * ref_seconds
             status, rc = run(sc, workdir, kill_after=after, log=log)
             label = f"timed {after:.1f}s"
         if status == "killed":
