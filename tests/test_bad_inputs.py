@@ -326,3 +326,23 @@ def test_a_file_that_is_no_tar_fails_before_any_output(tmp_path):
     with pytest.raises(InputError, match=r"00001\.tar: not a readable tar file"):
         ingest(IngestConfig(source="webdataset", path=str(tmp_path / "in")), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_parquet_carries_the_whole_image_corpus_to_its_expected_outcomes(tmp_path):
+    """The image corpus (truncated, zero-byte, non-image, bombs, CMYK, 16-bit, EXIF …) in Hugging Face form — an
+    image column of {bytes, path} structs, a caption column named text — plus a struct whose bytes are null:
+    every row kept or quarantined with the reason the corpus expects, none lost."""
+    from image_corpus import build_cases
+
+    cases = build_cases()
+    rows = [{"image": {"bytes": c.data, "path": f"{c.name}.bin"}, "text": c.caption} for c in cases]
+    rows.append({"image": {"bytes": None, "path": "lost.jpg"}, "text": "caption lost"})
+    (tmp_path / "hf").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf" / "train-00000-of-00001.parquet")
+    result = ingest(IngestConfig(source="parquet", path=str(tmp_path / "hf")), tmp_path / "out")
+    name = {f"train-00000-of-00001-{i:08d}": c.name for i, c in enumerate(cases)} | {f"train-00000-of-00001-{len(cases):08d}": "lost"}
+    kept = {name[r["uid"]] for r in _rows(tmp_path / "out")}
+    quarantined = {name[q["uid"]]: q["reason"] for q in _rows(tmp_path / "out", "quarantine")}
+    assert kept == {c.name for c in cases if c.expect is None}
+    assert quarantined == {**{c.name: c.expect for c in cases if c.expect is not None}, "lost": "missing_image"}
+    assert result.totals["rows_in"] == len(rows) == len(kept) + len(quarantined)
