@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
