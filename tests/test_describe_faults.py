@@ -216,12 +216,12 @@ def test_faults_keep_their_rows_with_the_cause_and_a_rerun_redoes_only_them(vllm
     }
     expect = {  # for the faults that do not heal: what the row's error must name, and the attempts the client made
         shards[0][0]: ("HTTP 500 from", 2), shards[0][1]: ("malformed response from", 1), shards[1][0]: ("no choices", 1),
-        shards[1][1]: (" broke: ", 2), shards[2][0]: ("timeout after 4.0s at", 2),
+        shards[1][1]: (" broke: ", 2), shards[2][0]: ("timeout after 10.0s at", 2),
     }
     keys = keys_by_uid(samples, DescribeConfig())
     faults = {keys[u]: f for u, f in plan.items()}
     proxy = proxies(lambda req: faults.get(req.key), hang_s=30)
-    cfg = via(proxy, vllm_server, timeout_s=4.0, max_retries=1)
+    cfg = via(proxy, vllm_server, timeout_s=10.0, max_retries=1)
 
     result = describe(cfg, samples, tmp_path / "d", ray_cfg=RAY)
     assert result.complete
