@@ -36,21 +36,13 @@ from grain.shards import Shard, run_stage
 
 COLOURS = [(230, 20, 20), (20, 200, 30), (30, 40, 220), (240, 220, 30), (200, 30, 200), (20, 210, 210)]
 GARBAGE = b"\xff\xd8\xff\xe0 these bytes are no image"
+from support.tars import write_tar
 
 
 def png(n: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), COLOURS[n % len(COLOURS)]).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def member_end(path: Path, name: str) -> int:

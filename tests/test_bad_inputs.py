@@ -21,6 +21,7 @@ from grain.data.ingest import ingest
 from grain.data.readers import InputError
 
 BIN = Path(sys.executable).parent
+from support.tars import write_tar
 
 
 def _png(colour: str = "red") -> bytes:
@@ -221,17 +222,6 @@ def test_parquet_and_csv_uids_are_unique_across_shards(tmp_path):
 # ------------------------------------------------------------------------------------------------ text encodings
 
 
-def _wds(path: Path, members: list[tuple[str, bytes]]) -> None:
-    import tarfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 LEGACY = "Café crème; naïve façade".encode("cp1252")  # not valid UTF-8
 
 
@@ -243,7 +233,7 @@ def test_text_that_is_not_utf8_is_quarantined_or_decoded_by_the_named_fallback(t
     (tmp_path / "a.png").write_bytes(_png())
     good = "a plain caption".encode()
     if form == "webdataset":
-        _wds(tmp_path / "in" / "00000.tar", [("k0.png", _png()), ("k0.txt", LEGACY),
+        write_tar(tmp_path / "in" / "00000.tar", [("k0.png", _png()), ("k0.txt", LEGACY),
                                              ("k1.png", _png()), ("k1.txt", b"\xef\xbb\xbf" + good)])
         base = IngestConfig(source="webdataset", path=str(tmp_path / "in"))
         where = "00000.tar: key k0: k0.txt is not valid utf-8: byte e9 at offset 3"
@@ -288,7 +278,7 @@ def test_a_tar_cut_short_without_a_sidecar_is_reported(tmp_path):
     members = []
     for k in range(6):
         members += [(f"k{k}.txt", f"caption {k}".encode()), (f"k{k}.png", _png())]
-    _wds(tmp_path / "full" / "00000.tar", members)
+    write_tar(tmp_path / "full" / "00000.tar", members)
     data = (tmp_path / "full" / "00000.tar").read_bytes()
     import tarfile
 
@@ -296,7 +286,7 @@ def test_a_tar_cut_short_without_a_sidecar_is_reported(tmp_path):
         cut_at = next(m for m in tar.getmembers() if m.name == "k3.png").offset_data + 10  # inside k3's image
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "00000.tar").write_bytes(data[:cut_at])
-    _wds(tmp_path / "in" / "00001.tar", [("z.txt", b"whole"), ("z.png", _png()), (".DS_Store", b"x"), ("README", b"x")])
+    write_tar(tmp_path / "in" / "00001.tar", [("z.txt", b"whole"), ("z.png", _png()), (".DS_Store", b"x"), ("README", b"x")])
 
     result = ingest(IngestConfig(source="webdataset", path=str(tmp_path / "in")), tmp_path / "out")
     assert sorted(r["uid"] for r in _rows(tmp_path / "out")) == ["k0", "k1", "k2", "z"]
@@ -321,7 +311,7 @@ def test_a_tar_cut_short_without_a_sidecar_is_reported(tmp_path):
 
 def test_a_file_that_is_no_tar_fails_before_any_output(tmp_path):
     (tmp_path / "in").mkdir()
-    _wds(tmp_path / "in" / "00000.tar", [("a.txt", b"fine"), ("a.png", _png())])
+    write_tar(tmp_path / "in" / "00000.tar", [("a.txt", b"fine"), ("a.png", _png())])
     (tmp_path / "in" / "00001.tar").write_bytes(b"<html>404 not found</html>" * 30)
     with pytest.raises(InputError, match=r"00001\.tar: not a readable tar file"):
         ingest(IngestConfig(source="webdataset", path=str(tmp_path / "in")), tmp_path / "out")

@@ -28,6 +28,7 @@ from grain.shards import output_parts
 from grain.train.data import image_tensor, load_image
 
 SIZE = 32
+from support.tars import write_tar
 
 
 def rgba_png() -> tuple[bytes, Image.Image]:
@@ -40,15 +41,6 @@ def rgba_png() -> tuple[bytes, Image.Image]:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue(), img
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def png(colour: tuple[int, int, int]) -> bytes:
