@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from grain.config import IngestConfig, RayConfig, SyntheticConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,3 +73,48 @@ def vllm_server(tiny_mllm_dir, tmp_path_factory):
     from support.vllm_server import _group_alive
 
     assert not _group_alive(pid), "a process of the vLLM server's group outlived stop()"
+
+
+# ------------------------------------------------------------------------------------------------ stage runs on Ray
+
+# The Ray settings of the stage tests: 2 CPUs, fractional actors (whole-CPU actors deadlock on 2 cores), 4-row
+# batches, a small object store.
+STAGE_RAY = RayConfig(num_cpus=2, actor_num_cpus=0.5, batch_size=4, object_store_mb=256)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """One local Ray for a module (2 CPUs, fractional actors), so each stage run does not pay Ray's start. A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("local_ray")``."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 * 1024,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Path:
+    """16 synthetic images in 4 shards of 4, ingested for real (one set per module)."""
+    from grain.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("stage") / "samples"
+    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=16)), out)
+    return out
+
+
+def reference_world(root: Path, *, num_shards: int, **synthetic) -> SimpleNamespace:
+    """A world to train on, in ``root``: the synthetic world ingested for real (``synthetic`` are its
+    SyntheticConfig fields), then the reference describe and ground, which copy the generator's own regions."""
+    from grain.annotate.describe import describe
+    from grain.annotate.ground import ground
+    from grain.config import DescribeConfig, GroundConfig
+    from grain.data.ingest import ingest
+
+    world = SimpleNamespace(root=root, samples=root / "samples", descriptions=root / "descriptions", regions=root / "regions")
+    ingest(IngestConfig(num_shards=num_shards, synthetic=SyntheticConfig(**synthetic)), world.samples)
+    describe(DescribeConfig(engine="reference"), world.samples, world.descriptions)
+    ground(GroundConfig(engine="reference"), world.samples, world.descriptions, world.regions)
+    return world
+

@@ -24,33 +24,15 @@ from grain.annotate.describe import DescribeTimeout, describe
 from grain.stages import DESCRIBE
 from grain.annotate.engines import OpenAIChatEngine, TransformersChatEngine, build_vllm_processor
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
-from grain.config import DescribeConfig, IngestConfig, RayConfig, SyntheticConfig
+from grain.config import DescribeConfig, RayConfig
 from grain.contracts import DESCRIPTIONS_SCHEMA, check_table
-from grain.data.ingest import ingest
 from grain.shards import Shard, read_table, run_stage
 from grain.contracts import SAMPLES_SCHEMA
 
-from conftest import encode, gradient_image
+from conftest import STAGE_RAY, encode, gradient_image
 
-RAY = RayConfig(num_cpus=2, actor_num_cpus=0.5, batch_size=4, object_store_mb=256)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray(tmp_path_factory):
-    """One local Ray for the module (2 CPUs, fractional actors), so each stage run does not pay Ray's start."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 * 1024,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("describe") / "samples"
-    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=16)), out)
-    return out
+RAY = STAGE_RAY
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the module (conftest)
 
 
 # ------------------------------------------------------------------------------------------------ pure functions

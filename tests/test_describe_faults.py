@@ -35,29 +35,12 @@ from grain.contracts import SAMPLES_SCHEMA
 from grain.data.ingest import ingest
 from grain.shards import Shard, read_table, run_stage
 from support.fault_proxy import Fault, FaultProxy
+from support.procs import descendants
 
-from conftest import encode, gradient_image
+from conftest import STAGE_RAY, encode, gradient_image
 
-RAY = RayConfig(num_cpus=2, actor_num_cpus=0.5, batch_size=4, object_store_mb=256)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray(tmp_path_factory):
-    """One local Ray for the module (2 CPUs, fractional actors), so each stage run does not pay Ray's start."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 * 1024,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> Path:
-    """16 synthetic images in 4 shards of 4."""
-    out = tmp_path_factory.mktemp("faults") / "samples"
-    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=16)), out)
-    return out
+RAY = STAGE_RAY
+pytestmark = pytest.mark.usefixtures("local_ray")  # one Ray for the module (conftest)
 
 
 @pytest.fixture
@@ -310,31 +293,15 @@ def test_overload_429s_and_timeouts_leave_retryable_errors_and_a_rerun_completes
 
 
 def _engine_actor_pids() -> list[int]:
-    """Processes of this test's own Ray (descendants of this process, read from /proc) that host the describe
-    engine actor (Ray titles them ``ray::MapWorker(MapBatches(ChatActor))``)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat[stat.rfind(")") + 2:].split()[1])
-
-    def mine(pid: int) -> bool:
-        while pid > 1:
-            pid = parent.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
+    """Processes of this test's own Ray (descendants of this process) that host the describe engine actor (Ray
+    titles them ``ray::MapWorker(MapBatches(ChatActor))``)."""
     pids = []
-    for pid in parent:
+    for pid in descendants(os.getpid()):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"ChatActor" in cmdline and mine(pid):
+        if pid != os.getpid() and b"ChatActor" in cmdline:
             pids.append(pid)
     return pids
 

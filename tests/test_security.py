@@ -41,6 +41,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from support.procs import descendants
+
+from conftest import reference_world
 
 REPO = Path(__file__).resolve().parents[1]
 # Local HTTP only: never through a proxy configured in the environment.
@@ -89,18 +92,11 @@ def test_the_planted_payloads_are_live(tmp_path):
 @pytest.fixture(scope="module")
 def train_world(tmp_path_factory) -> SimpleNamespace:
     """A tiny synthetic world (real ingest, reference describe/ground) and a 2-step run with a checkpoint."""
-    from grain.annotate.describe import describe
-    from grain.annotate.ground import ground
-    from grain.config import DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig, TrainConfig
-    from grain.data.ingest import ingest
+    from grain.config import TrainConfig
     from grain.train.loop import train
 
     root = tmp_path_factory.mktemp("sec_train")
-    ingest(IngestConfig(num_shards=1, synthetic=SyntheticConfig(num_images=32, image_size=64)), root / "samples")
-    describe(DescribeConfig(engine="reference"), root / "samples", root / "descriptions")
-    ground(GroundConfig(engine="reference"), root / "samples", root / "descriptions", root / "regions")
-    world = SimpleNamespace(root=root, samples=root / "samples", descriptions=root / "descriptions",
-                            regions=root / "regions")
+    world = reference_world(root, num_shards=1, num_images=32, image_size=64)
 
     def run(out: Path, steps: int, **kw):
         cfg = TrainConfig(steps=steps, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=2, num_workers=1)
@@ -371,25 +367,6 @@ def test_project_source_has_no_unsafe_deserialization_or_eval():
 # ================================================================================================ c) loopback only
 
 
-def _descendants(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(stat[stat.rfind(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def _proc_addr(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """/proc/net/tcp{,6} ``HEXIP:HEXPORT`` (the address as 32-bit words in host byte order, little-endian here)."""
     ip_hex, port_hex = field.split(":")
@@ -467,7 +444,7 @@ def test_socket_detector_sees_wildcard_and_loopback_listeners():
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         bound = dict(item.split("=") for item in child.stdout.readline().split())
-        socks = listening_sockets(_descendants(child.pid))
+        socks = listening_sockets(descendants(child.pid))
         by_port = {port: addr for _, addr, port in socks}
         assert by_port[int(bound["0.0.0.0"])] == "0.0.0.0" and not is_loopback("0.0.0.0")
         assert by_port[int(bound["127.0.0.1"])] == "127.0.0.1" and is_loopback("127.0.0.1")
@@ -500,11 +477,11 @@ def prefect_server(tmp_path_factory):
 
 def test_prefect_api_server_listens_on_loopback_only(prefect_server):
     server = prefect_server.server
-    _assert_loopback_only("Prefect API server", _descendants(server.process.pid), server.port)
+    _assert_loopback_only("Prefect API server", descendants(server.process.pid), server.port)
 
 
 def test_vllm_server_listens_on_loopback_only(vllm_server):
-    _assert_loopback_only("vLLM server", _descendants(vllm_server.pid), vllm_server.port)
+    _assert_loopback_only("vLLM server", descendants(vllm_server.pid), vllm_server.port)
 
 
 def test_local_ray_listens_on_loopback_only(tmp_path_factory, monkeypatch):
@@ -521,7 +498,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path_factory, monkeypatch):
     assert not ray.is_initialized()
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # Ray's default when the variable is unset
-    before = set(_descendants(os.getpid()))
+    before = set(descendants(os.getpid()))
     temp = tmp_path_factory.mktemp("rayl")
     with ray_session(RayConfig(num_cpus=2, object_store_mb=128, temp_dir=str(temp))):
 
@@ -530,7 +507,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path_factory, monkeypatch):
             return os.getpid()
 
         worker = ray.get(worker_pid.remote())
-        ray_pids = sorted((set(_descendants(os.getpid())) - before) | {os.getpid()})
+        ray_pids = sorted((set(descendants(os.getpid())) - before) | {os.getpid()})
         assert worker in ray_pids
         socks = listening_sockets(ray_pids)
         assert {pid for pid, _, _ in socks} >= {os.getpid(), worker}, socks  # the driver's and a worker's servers

@@ -28,17 +28,15 @@ from grain.train.loop import TrainingDiverged, forward_backward, train
 from grain.train.losses import GrainCriterion
 from grain.train.model import build_model, load_model
 
+from conftest import reference_world
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("train_world")
-    ingest(IngestConfig(num_shards=4, synthetic=SyntheticConfig(num_images=512, image_size=96)), root / "samples")
-    describe(DescribeConfig(engine="reference"), root / "samples", root / "descriptions")
-    ground(GroundConfig(engine="reference"), root / "samples", root / "descriptions", root / "regions")
-    return SimpleNamespace(root=root, samples=root / "samples", descriptions=root / "descriptions", regions=root / "regions")
+    return reference_world(tmp_path_factory.mktemp("train_world"), num_shards=4, num_images=512, image_size=96)
 
 
 def _cfg(**kw) -> TrainConfig:

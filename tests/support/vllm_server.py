@@ -46,6 +46,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+if __package__:
+    from .procs import process_table
+else:  # run as a script (python tests/support/vllm_server.py): its own folder is on sys.path
+    from procs import process_table
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -138,20 +143,8 @@ def _group_alive(pgid: int) -> bool:
     On Linux this reads ``/proc`` (so zombies waiting for a parent that never reaps them do not count);
     elsewhere it falls back to ``killpg(pgid, 0)``.
     """
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Format: pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses.
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
+    if Path("/proc").is_dir():
+        return any(int(fields[2]) == pgid and fields[0] not in ("Z", "X") for fields in process_table().values())
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
