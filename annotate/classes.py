@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,11 +237,14 @@ def class_completion(row: dict[str, Any]) -> dict[str, Any]:
     return {**vllm_completion(row, ("classname",)), "index": int(row["index"])}
 
 
-def build_class_processor(cfg: DescribeConfig) -> Any:
-    """A Ray Data processor: class rows (:func:`class_request_row`) → completion rows (:func:`class_completion`)."""
+def build_class_processor(cfg: DescribeConfig, *, stages: Sequence[Any] | None = None) -> Any:
+    """A Ray Data engine: class rows (:func:`class_request_row`) → one completion row (:func:`class_completion`)
+    each, a failed request included (:class:`~grain.annotate.engines.VLLMChatProcessor`); ``stages`` replaces the
+    processor's vLLM stages (tests)."""
     from grain.annotate.engines import build_vllm_chat_processor
 
-    return build_vllm_chat_processor(cfg, ("index", "classname"), config=class_processor_config(cfg), postprocess=class_completion)
+    return build_vllm_chat_processor(cfg, ("index", "classname"), config=class_processor_config(cfg),
+                                     completion=class_completion, stages=stages)
 
 
 def _run_vllm(cfg: DescribeConfig, names: list[str], conversations: list[Messages], ray_cfg: RayConfig) -> list[Completion]:

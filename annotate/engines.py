@@ -6,13 +6,15 @@
   exceptions, so a row keeps its error instead of vanishing.
 - ``TransformersChatEngine``: Hugging Face ``generate`` in-process, one conversation at a time (debugging, tiny
   models).
-- ``build_vllm_processor``: the GPU production path, a ``ray.data.llm`` processor running offline vLLM engines.
+- ``build_vllm_processor``: the GPU production path, a ``ray.data.llm`` processor running offline vLLM engines,
+  wrapped so that every request row comes out as one completion row (:class:`VLLMChatProcessor`).
 
 The ``reference`` engine is not a chat engine: grain.annotate.describe copies ground-truth region texts instead.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -232,6 +234,12 @@ def _to_hf_messages(messages: Messages, load_image: Any) -> tuple[list[dict[str,
 # ------------------------------------------------------------------------------------------------ vllm (GPU)
 
 
+#: Ray's per-row error column (``should_continue_on_error``): empty on success, the failure's message otherwise.
+INFERENCE_ERROR = "__inference_error__"
+#: The columns of a completion row after the passed-through keys (as :class:`grain.annotate.describe.ChatActor`'s).
+COMPLETION_COLUMNS = ("text", "error", "prompt_tokens", "completion_tokens")
+
+
 def vllm_processor_config(cfg: DescribeConfig) -> Any:
     """The ``ray.data.llm.vLLMEngineProcessorConfig`` for the GPU path (built without needing a GPU or vLLM)."""
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -260,7 +268,7 @@ def vllm_processor_config(cfg: DescribeConfig) -> Any:
 
 def vllm_completion(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """A ``ray.data.llm`` output row → the passed-through ``keys``, ``text`` / ``error`` and token counts."""
-    error = row.get("__inference_error__") or None
+    error = row.get(INFERENCE_ERROR) or None
     return {
         **{k: row[k] for k in keys},
         "text": None if error else (row.get("generated_text") or ""),
@@ -270,30 +278,88 @@ def vllm_completion(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     }
 
 
+class VLLMChatProcessor:
+    """A ``ray.data.llm`` processor as a ``Dataset -> Dataset`` engine: one completion row (``keys`` +
+    :data:`COMPLETION_COLUMNS`) per request row, whatever happened to the request.
+
+    Ray's processor alone loses failures silently: with ``should_continue_on_error=True`` a row whose inference
+    failed (non-empty ``__inference_error__``) skips the user's postprocess and comes out as Ray's internal row,
+    without ``text`` or ``error``; the stage would take it for an empty reply and never retry it. So every output row
+    goes through :func:`_completion_row`, which turns such a row into an ``error`` row (``vllm: <message>``).
+
+    A request that could not be prepared (``{"pre_error": ...}``, an image that cannot be encoded) enters the
+    processor already failed (see :func:`build_vllm_chat_processor`): every stage, and the postprocess, pass a failed
+    row through untouched, so the engine never sees it and it ends as an ``error`` row with the reason as the other
+    engines give it. (Routing it around the processor with ``filter`` + ``union`` would run everything upstream, the
+    Parquet reads and image encoding, twice: Ray Data plans each branch of a union separately.)
+    """
+
+    def __init__(self, processor: Any, keys: Sequence[str], completion: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.processor = processor
+        self._normalise = functools.partial(_completion_row, completion=completion, columns=(*keys, *COMPLETION_COLUMNS))
+
+    def __call__(self, dataset: Any) -> Any:
+        return self.processor(dataset).map(self._normalise)
+
+    def list_stage_names(self) -> list[str]:
+        """The processor's stages in order (Ray's ``Processor.list_stage_names``)."""
+        return self.processor.list_stage_names()
+
+    def get_stage_by_name(self, name: str) -> Any:
+        """One of the processor's stages (Ray's ``Processor.get_stage_by_name``)."""
+        return self.processor.get_stage_by_name(name)
+
+
+def _completion_row(row: dict[str, Any], completion: Callable[[dict[str, Any]], dict[str, Any]],
+                    columns: Sequence[str]) -> dict[str, Any]:
+    """A processor output row → exactly ``columns``. A row that skipped the postprocess (by the criterion of Ray's
+    ``wrap_postprocess``: a non-empty ``__inference_error__``) is turned into its completion here, with the
+    ``pre_error`` of a request that never reached the engine as its error."""
+    if row.get(INFERENCE_ERROR, "") != "":
+        failed = completion(row)
+        if row.get("pre_error"):
+            failed["error"] = row["pre_error"]
+        row = failed
+    return {c: row[c] for c in columns}
+
+
 def build_vllm_chat_processor(
     cfg: DescribeConfig,
     keys: Sequence[str],
     *,
     config: Any = None,
-    postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-) -> Any:
-    """A Ray Data processor over rows holding a ``request`` (chat messages as JSON) and ``keys`` to pass through;
-    ``config`` defaults to :func:`vllm_processor_config`, ``postprocess`` to :func:`vllm_completion`."""
-    from ray.data.llm import build_processor
+    completion: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    stages: Sequence[Any] | None = None,
+) -> VLLMChatProcessor:
+    """A :class:`VLLMChatProcessor` over rows holding a ``request`` (chat messages as JSON, or ``{"pre_error": why}``)
+    and ``keys`` to pass through. ``config`` defaults to :func:`vllm_processor_config`; ``completion`` (the
+    postprocess, also applied to failed rows) to :func:`vllm_completion`. ``stages`` (Ray ``StatefulStage`` objects)
+    replace the stages ``build_processor`` makes for ``config`` (vLLM and its tokenizer stages) in Ray's own
+    ``Processor``: the seam for testing the row handling without a GPU."""
+    from ray.data.llm import Processor, build_processor
 
     sampling = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     keys = tuple(keys)
+    config = config if config is not None else vllm_processor_config(cfg)
+    completion = completion or functools.partial(vllm_completion, keys=keys)
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {"messages": json.loads(row["request"]), "sampling_params": sampling, **{k: row[k] for k in keys}}
+        request = json.loads(row["request"])
+        passed = {k: row[k] for k in keys}
+        if isinstance(request, dict) and "pre_error" in request:  # failed before the engine: enters as a failed row
+            return {**passed, INFERENCE_ERROR: request["pre_error"], "pre_error": request["pre_error"]}
+        # The empty error is explicit: rows of one block share a schema, and a key only the failed rows had would
+        # read None here, which Ray's stages would take for a failure.
+        return {**passed, "messages": request, "sampling_params": sampling, INFERENCE_ERROR: ""}
 
-    return build_processor(
-        config if config is not None else vllm_processor_config(cfg),
-        preprocess=preprocess,
-        postprocess=postprocess or (lambda row: vllm_completion(row, keys)),
-    )
+    if stages is None:
+        processor = build_processor(config, preprocess=preprocess, postprocess=completion)
+    else:
+        processor = Processor(config, list(stages), preprocess=preprocess, postprocess=completion)
+    return VLLMChatProcessor(processor, keys, completion)
 
 
-def build_vllm_processor(cfg: DescribeConfig) -> Any:
-    """A Ray Data processor: request rows (``uid``, ``path``, ``kind``, ``request`` JSON) → completion rows."""
-    return build_vllm_chat_processor(cfg, ("uid", "path", "kind"))
+def build_vllm_processor(cfg: DescribeConfig, *, stages: Sequence[Any] | None = None) -> VLLMChatProcessor:
+    """The describe stage's engine: request rows (``uid``, ``path``, ``kind``, ``request`` JSON) → completion rows;
+    ``stages`` as for :func:`build_vllm_chat_processor`."""
+    return build_vllm_chat_processor(cfg, ("uid", "path", "kind"), stages=stages)
