@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests never touch the network: hub access is switched off for every library."""
+"""Shared fixtures. Tests never touch the network at run time: hub access is switched off for every library. The one
+exception is tests/test_describe_gpu_env.py, which asks the package index (as CI's own setup does) to resolve the GPU
+describe lock."""
 
 from __future__ import annotations
 
