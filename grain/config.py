@@ -271,15 +271,37 @@ class GroundConfig(_Frozen):
     top_k_per_description: int = Field(1, ge=1, description="Boxes kept per description (best first).")
     top_k_per_image: int = Field(10, ge=1, description="Boxes kept per image (best first); train keeps its own top-5.")
     nms_iou: float | None = Field(None, gt=0.0, le=1.0, description="Class-aware NMS IoU; null = none (as the authors).")
-    batch_size: int = Field(8, ge=1, description="Images per detector forward pass.", json_schema_extra=NOT_FINGERPRINTED)
-    device: str = Field("cpu", description="torch device for the detector, e.g. cuda.", json_schema_extra=NOT_FINGERPRINTED)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(
+        8, ge=1, description="Images per detector forward pass. It is also the Ray Data batch each ground actor "
+        "receives (ray.batch_size does not apply to ground, so it cannot cap this); Ray cuts batches within a row group "
+        "(256 rows from ingest), so a size dividing 256 gives full batches.", json_schema_extra=NOT_FINGERPRINTED)
+    device: str = Field("cpu", description="torch device for the detector: cpu, or cuda (on Ray each actor gets a GPU of "
+                        "its own; see gpus).", json_schema_extra=NOT_FINGERPRINTED)
+    gpus: int | None = Field(
+        None, ge=1, description="device cuda: ground actors, one GPU each; null = one per GPU of the Ray cluster when "
+        "the stage starts. On cpu, ray.actors sets the actors.", json_schema_extra=NOT_FINGERPRINTED)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the detector's towers: auto = bfloat16 on CUDA, float32 elsewhere. Weights "
+        "stay float32; bfloat16/float16 run the towers under autocast and the box and class heads in float32.",
+    )
     retry_errors: bool = Field(True, description="On rerun, ground again the rows whose grounding failed.", json_schema_extra=NOT_FINGERPRINTED)
     watchdog_s: float = Field(600.0, gt=0, description="Fail the run if no image finishes for this long.", json_schema_extra=NOT_FINGERPRINTED)
 
+    def resolved_dtype(self) -> Literal["float32", "bfloat16", "float16"]:
+        """``dtype`` with ``auto`` resolved for ``device``: bfloat16 on CUDA, float32 on anything else."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
     def engine_settings(self) -> dict[str, Any]:
-        """What decides the boxes written (the fingerprint's view); the reference engine copies ground truth."""
-        return {"engine": "reference"} if self.engine == "reference" else fingerprint_view(self)
+        """What decides the boxes written (the fingerprint's view); the reference engine copies ground truth.
+
+        The fingerprint holds the resolved dtype, not ``auto``: boxes computed in bfloat16 on a GPU are not those of
+        float32 on a CPU, and ``auto`` on a CPU keeps the fingerprint of an explicit float32.
+        """
+        if self.engine == "reference":
+            return {"engine": "reference"}
+        return {**fingerprint_view(self), "dtype": self.resolved_dtype()}
 
 
 class TrainConfig(_Frozen):
@@ -408,9 +430,11 @@ class RayConfig(_Frozen):
 
     address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://host:port: join a cluster.")
     num_cpus: int | None = Field(None, ge=1, description="Local Ray only: CPUs to give Ray (default: all).")
-    actors: int = Field(1, ge=1, description="Engine actors (CPU engines: openai, transformers, reference).")
+    actors: int = Field(1, ge=1, description="Engine actors (openai, transformers; ground on cpu). Ground on cuda runs one "
+                        "actor per GPU instead (ground.gpus).")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs per engine actor; fractional on small machines, or Ray deadlocks.")
-    batch_size: int = Field(16, ge=1, description="Rows per batch handed to an engine actor.")
+    batch_size: int = Field(16, ge=1, description="Rows per batch handed to a describe engine actor (openai, "
+                            "transformers). Ground actors get ground.batch_size rows instead: the detector's own batch.")
     calls_per_actor: int = Field(2, ge=1, description="Batches an actor works on at once (overlaps one batch's tail with the next).")
     actor_init_retries: int = Field(
         3, ge=0, description="Engine actors in a row that may die before they ever ran (constructor failed, creation "

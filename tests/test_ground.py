@@ -43,10 +43,61 @@ def test_reference_copies_ground_truth_boxes(annotated, tmp_path):
 
 def test_fingerprint_ignores_how_it_runs(annotated):
     samples, descriptions = annotated
-    base = GroundConfig(engine="owlv2", model="m")
-    fp = GROUND.fingerprint_of(base, {"samples": samples, "descriptions": descriptions})
-    assert GROUND.fingerprint_of(base.model_copy(update={"device": "cuda", "batch_size": 64}), {"samples": samples, "descriptions": descriptions}) == fp
-    assert GROUND.fingerprint_of(base.model_copy(update={"threshold": 0.2}), {"samples": samples, "descriptions": descriptions}) != fp
+    inputs = {"samples": samples, "descriptions": descriptions}
+    base = GroundConfig(engine="owlv2", model="m", dtype="float32")
+    fp = GROUND.fingerprint_of(base, inputs)
+    assert GROUND.fingerprint_of(base.model_copy(update={"device": "cuda", "batch_size": 64, "gpus": 8}), inputs) == fp
+    assert GROUND.fingerprint_of(base.model_copy(update={"threshold": 0.2}), inputs) != fp
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere(annotated):
+    """``auto`` resolves per device, and the fingerprint holds the resolved dtype: auto on a CPU is the float32
+    folder (CPU results and caches unchanged), auto on CUDA the bfloat16 one."""
+    samples, descriptions = annotated
+    inputs = {"samples": samples, "descriptions": descriptions}
+    auto = GroundConfig(engine="owlv2", model="m")
+    assert auto.dtype == "auto" and auto.resolved_dtype() == "float32"
+    assert auto.model_copy(update={"device": "cuda"}).resolved_dtype() == "bfloat16"
+    assert auto.model_copy(update={"device": "cuda:0"}).resolved_dtype() == "bfloat16"
+    assert auto.model_copy(update={"device": "cuda", "dtype": "float16"}).resolved_dtype() == "float16"
+    assert auto.model_copy(update={"device": "cuda", "dtype": "float32"}).resolved_dtype() == "float32"
+    fp = lambda **update: GROUND.fingerprint_of(auto.model_copy(update=update), inputs)  # noqa: E731
+    assert fp() == fp(dtype="float32") != fp(device="cuda") == fp(dtype="bfloat16")
+
+
+def test_ground_batch_size_is_the_ray_batch_and_cuda_gets_one_actor_per_gpu():
+    """The map_batches call the stage makes: Ray batches of ground.batch_size rows even when ray.batch_size is
+    smaller (it used to cap them), and on CUDA one actor per GPU, one GPU each (no GPU needed: the dataset is a
+    stand-in that records the call)."""
+    from grain.annotate.ground import OwlActor, owl_engine, owl_pool
+
+    class Recorder:
+        def map_batches(self, fn, **kwargs):
+            self.fn, self.kwargs = fn, kwargs
+            return self
+
+    ray_cfg = RayConfig(actors=3, batch_size=16, calls_per_actor=2)
+
+    def pool(cfg: GroundConfig, cluster_gpus: float):
+        ds = owl_engine(cfg, ray_cfg, cluster_gpus)(Recorder())
+        strategy = ds.kwargs["compute"]
+        return ds.fn, ds.kwargs, (strategy.min_size, strategy.max_size)
+
+    fn, kwargs, size = pool(GroundConfig(engine="owlv2", device="cuda", batch_size=32), cluster_gpus=8)
+    assert fn is OwlActor and kwargs["batch_size"] == 32 and kwargs["num_gpus"] == 1 and size == (8, 8)
+    _, kwargs, size = pool(GroundConfig(engine="owlv2", device="cuda", batch_size=32, gpus=2), cluster_gpus=8)
+    assert kwargs["num_gpus"] == 1 and size == (2, 2)
+    _, kwargs, size = pool(GroundConfig(engine="owlv2", device="cpu", batch_size=4), cluster_gpus=8)
+    assert kwargs["batch_size"] == 4 and "num_gpus" not in kwargs and size == (3, 3)  # CPU: ray.actors, no GPU
+    with pytest.raises(ValueError, match=r"ground.device=cuda but the Ray cluster has no GPU.*ground.gpus"):
+        owl_pool(GroundConfig(engine="owlv2", device="cuda"), ray_cfg, cluster_gpus=0)
+    assert owl_pool(GroundConfig(engine="owlv2", device="cuda", gpus=4), ray_cfg, cluster_gpus=0)[0].actors == 4  # an autoscaler's
+
+
+def test_a_numbered_cuda_device_is_refused_on_ray(annotated, tmp_path):
+    samples, descriptions = annotated
+    with pytest.raises(ValueError, match=r"ground.device=cuda:1: on Ray every ground actor is given a GPU of its own"):
+        ground(GroundConfig(engine="owlv2", model="m", device="cuda:1"), samples, descriptions, tmp_path / "r")
 
 
 def test_descriptions_must_come_from_these_samples(annotated, tmp_path):
@@ -176,3 +227,67 @@ def test_batched_detector_equals_the_per_image_hf_loop(tiny_owl):
             assert got[text]["score"] == pytest.approx(float(scores[best[text], q]), abs=1e-5)
             box = owl_to_original(out.pred_boxes[0, best[text]].numpy(), *image.size, "unit_square")
             assert got[text]["box"] == pytest.approx([float(v) for v in box], abs=1e-5)
+
+
+def test_the_model_sees_ground_batch_size_images_per_forward(tiny_owl):
+    """OwlActor (what each ground actor runs, here in-process) turns a Ray batch into forward passes of exactly
+    ground.batch_size images; together with the map_batches call above, that is the batch the model sees."""
+    import pyarrow as pa
+
+    from grain.annotate.ground import OwlActor
+
+    cfg = GroundConfig(engine="owlv2", model=str(tiny_owl), threshold=0.0, batch_size=4)
+    actor = OwlActor(cfg.model_dump_json())
+    seen = []
+    actor.detector.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"].shape[0]), with_kwargs=True)
+    rows = [{"uid": str(i), "path": "part-00000.parquet", "image": _png(40 + i, 30), "descriptions": ["a red head"]} for i in range(4)]
+    out = actor(pa.Table.from_pylist(rows))
+    assert seen == [4] and out["uid"] == ["0", "1", "2", "3"] and all(out["regions"])
+    seen.clear()
+    actor(pa.Table.from_pylist(rows * 2 + rows[:1]))  # larger than one forward batch: split, never merged
+    assert seen == [4, 4, 1]
+
+
+def _dtypes_seen(detector):
+    """Record the output dtype of a vision-tower layer and of the two detection heads' first layers."""
+    seen = {}
+    model = detector.model
+    for name, module in (("tower", model.owlv2.vision_model.encoder.layers[0].mlp.fc1),
+                         ("box_head", model.box_head.dense0), ("class_head", model.class_head.dense0)):
+        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+    return seen
+
+
+def test_bfloat16_runs_the_towers_in_bf16_and_the_heads_and_boxes_in_float32(pinned_owl, tiny_owl):
+    """dtype=bfloat16 (what auto gives on CUDA), checked on the CPU: autocast runs the towers in bfloat16 while the
+    weights, the detection heads and the boxes stay float32. The pinned model's boxes are known in closed form:
+    they come out exact (a model cast to bfloat16 was off by 3e-3), and a random model's scores stay
+    within 0.03 of float32."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from grain.annotate.ground import OwlDetector
+
+    bf16 = OwlDetector(GroundConfig(engine="owlv2", model=str(pinned_owl), dtype="bfloat16", top_k_per_description=64))
+    fp32 = OwlDetector(GroundConfig(engine="owlv2", model=str(pinned_owl), top_k_per_description=64))
+    assert fp32.dtype == "float32" and bf16.dtype == "bfloat16"
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}
+    seen = _dtypes_seen(bf16)
+    rows = [{"image": _png(200, 70), "descriptions": ["a red head", "a blue wing"]}]
+    (got,), (want,) = bf16.detect(rows), fp32.detect(rows)
+    assert seen == {"tower": torch.bfloat16, "box_head": torch.float32, "class_head": torch.float32}
+    assert [r["text"] for r in got["regions"]] == [r["text"] for r in want["regions"]]
+    for g, w in zip(got["regions"], want["regions"]):
+        assert g["box"] == pytest.approx(w["box"], abs=1e-6) and g["score"] == pytest.approx(w["score"], abs=1e-6)
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(120, 80), (64, 150)]]
+    queries = [["a red head", "a blue wing"], ["a round eye"]]
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        det = OwlDetector(GroundConfig(engine="owlv2", model=str(tiny_owl), dtype=dtype))
+        inputs, _ = det.inputs(images, queries)
+        with torch.inference_mode(), det.autocast():
+            scores[dtype] = torch.sigmoid(det.model(**inputs).logits.float()).numpy()
+    assert np.abs(scores["bfloat16"] - scores["float32"]).max() < 0.03
