@@ -6,9 +6,9 @@ AdamW step, logit-scale clamp) on the SAME pre-built batches (taken once from ``
 world: real ingest → reference describe → reference ground, run through grain.stages into the folders it plans for
 the bench's PipelineConfig (workdir: a temp folder); no data loading inside the timed region):
 
-  a. GRAIN (ours):  ``build_model(arch, "grain")`` + ``GrainCriterion("grain", ...)`` through
-                    ``grain.train.loop.forward_backward``, AdamW from ``build_optimizer`` (``model.param_groups``),
-                    ``clamp_logit_scale``.
+  a. GRAIN (ours):  ``build_model(arch, "grain")`` + ``GrainCriterion("grain", ...)`` through the training loop's
+                    own ``grain.train.loop.train_step`` (gradient norm, NaN/inf guard, fused AdamW from
+                    ``build_optimizer``, ``clamp_logit_scale``, LR schedule) on batches prepared as ``train()`` does.
   b. CLIP (ours):   ``build_model(arch, "clip")`` + ``GrainCriterion("clip", ...)``, same code path. Its batches
                     carry no descriptions, as ``train()`` feeds clip mode (regions not loaded): same images and
                     captions as (a).
@@ -21,12 +21,17 @@ the script checks it. Timing: warm-up steps excluded, then ROUNDS rounds in whic
 in rotating order (a,b,c / b,c,a / c,a,b ...) so background load hits all of them alike; the median per-step time
 over rounds is reported. Targets: GRAIN / CLIP(ours) ≤ 1.15 and CLIP(ours) / open_clip ≤ 1.05.
 
-Part 2 — loader images/s per core. The same N synthetic images (PNG, --image-px) read two ways, each with ONE
-decode thread and torch threads = 1: (1) our samples/ Parquet shards (+ descriptions/ + regions/ joined: the
-train stage's planned inputs) through ``TrainLoader(num_workers=1, prefetch=0)``; (2) the same PNG bytes as files
-+ a tab-separated CSV (filepath, title) through ``open_clip_train.data.CsvDataset`` with open_clip's eval
-preprocess (``open_clip.image_transform``) and the same ``SimpleTokenizer``, via
-``torch.utils.data.DataLoader(num_workers=0)``. One pass each after a short warm-up, interleaved over 3 rounds, median.
+Part 2 — loader images/s per core, on two image sets: (A) the synthetic world's N images (PNG, --image-px) at the
+arch's image size, and (B) --photos JPEG photographs at 640×480 (quality 90; crops of the Debian
+``mate-backgrounds`` photos that scripts/setup_composite.sh installs, the composite world's backgrounds) at
+224 px, as a CC3M-style run reads them. Each set is read two ways, each with ONE decode thread and torch threads
+= 1: (1) our samples/ Parquet shards (A: + descriptions/ + regions/ joined, the train stage's planned inputs;
+B: written by grain's own CSV ingest) through ``TrainLoader(num_workers=1, prefetch=0)``; (2) the same image
+bytes as files + a tab-separated CSV (filepath, title) through ``open_clip_train.data.CsvDataset`` with open_clip's
+eval preprocess (``open_clip.image_transform``) and the same ``SimpleTokenizer``, via
+``torch.utils.data.DataLoader(num_workers=0)``. One pass each after a short warm-up, interleaved over 3 rounds,
+median. Ours ships uint8 (normalised later, on the device); CsvDataset returns normalised float32, as open_clip
+trains on it. Target: ours / open_clip ≥ 1.0 on both sets.
 
     .venv/bin/python bench/train_step.py
     .venv/bin/python bench/train_step.py --arch grain-small --rounds 3
@@ -57,9 +62,9 @@ from grain.config import DescribeConfig, GroundConfig, IngestConfig, PipelineCon
 from grain.shards import read_table
 from grain.stages import pipeline_stages, plan
 from grain.train.data import Batch, TrainLoader
-from grain.train.loop import build_optimizer, forward_backward
+from grain.train.loop import build_optimizer, prepared, train_step
 from grain.train.losses import GrainCriterion
-from grain.train.model import build_model, load_arch
+from grain.train.model import build_model, load_arch, normalize_images
 
 ARCHS = ("grain-tiny", "grain-tiny-paper", "grain-small", "grain-vit-b16")
 GRAIN_OVER_CLIP_TARGET = 1.15
@@ -127,25 +132,19 @@ def _cycle(items: list[Any]):
 
 
 def ours(mode: str, arch: dict[str, Any], cfg: TrainConfig, batches: list[Batch], device: torch.device,
-         autocast: contextlib.AbstractContextManager, compile_: bool, train_extras: bool) -> Contestant:
+         autocast: contextlib.AbstractContextManager, compile_: bool, backend: str = "inductor") -> Contestant:
+    """Our contestant: the training loop's own ``train_step`` (forward, loss, backward, gradient norm, the NaN/inf
+    guard, fused AdamW, logit-scale clamp, LR schedule) on batches prepared and moved as ``train()`` does."""
     torch.manual_seed(cfg.seed)
     model = build_model(arch, mode).to(device).train()
-    opt, _ = build_optimizer(model, cfg)
+    opt, sched = build_optimizer(model, cfg)
     criterion = GrainCriterion(mode, cfg.weights, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
                                mask_duplicates=cfg.mask_duplicate_descriptions)
-    net = torch.compile(model) if compile_ else model
-    stream = _cycle([b.to(device) for b in batches])
+    net = torch.compile(model, backend=backend) if compile_ else model  # as train() does with train.compile
+    stream = _cycle([prepared(b, cfg.grad_accum, model, device) for b in batches])
 
     def step() -> Tensor:
-        batch = next(stream)
-        opt.zero_grad(set_to_none=True)
-        loss, _ = forward_backward(net, criterion, batch, 1, autocast, device)
-        if train_extras:  # what train() adds per step: the logged gradient norm and the NaN/inf guard (two syncs)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            if not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))):
-                raise RuntimeError("non-finite loss in the benchmark")
-        opt.step()
-        model.clamp_logit_scale(cfg.logit_scale_max)
+        loss, *_ = train_step(net, criterion, opt, sched, next(stream), cfg, autocast, device)
         return loss
 
     label = {"grain": "GRAIN (ours)", "clip": "CLIP (ours)"}[mode]
@@ -168,7 +167,8 @@ def open_clip_reference(arch: dict[str, Any], cfg: TrainConfig, batches: list[Ba
     opt = torch.optim.AdamW([{"params": no_wd, "weight_decay": 0.0}, {"params": rest, "weight_decay": cfg.weight_decay}],
                             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     net = torch.compile(model) if compile_ else model
-    stream = _cycle([(b.images.to(device), b.captions.to(device)) for b in batches])
+    # open_clip takes float images: our uint8 batches, normalised once up front (not timed; ours normalise per step)
+    stream = _cycle([(normalize_images(b.images).to(device), b.captions.to(device)) for b in batches])
     max_log_scale = math.log(100)
 
     def step() -> Tensor:
@@ -206,8 +206,8 @@ def part1(args: argparse.Namespace, world: World, device: torch.device) -> None:
     step_autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     contestants = [
-        ours("grain", arch, cfg, batches, device, step_autocast, args.compile, args.train_extras),
-        ours("clip", arch, cfg, clip_batches, device, step_autocast, args.compile, args.train_extras),
+        ours("grain", arch, cfg, batches, device, step_autocast, args.compile),
+        ours("clip", arch, cfg, clip_batches, device, step_autocast, args.compile),
         open_clip_reference(arch, cfg, clip_batches, device, autocast, args.compile),
     ]
     by_key = {c.key: c for c in contestants}
@@ -238,7 +238,7 @@ def part1(args: argparse.Namespace, world: World, device: torch.device) -> None:
           f"{_region_queries(arch)}+1 queries, {arch['decoder'].get('query_type', 'learned')})")
     print(f"device {device}{' (bf16 autocast)' if cuda else ' (fp32)'}, torch threads {torch.get_num_threads()}, "
           f"batch {args.batch_size} ({len(batches)} pre-built batches, GRAIN: {m:.1f} descriptions/batch), "
-          f"compile {args.compile}, train() extras {args.train_extras}")
+          f"compile {args.compile}")
     print(f"{args.warmup} warm-up steps each, then {args.rounds} rounds x {args.steps} steps, rotating order")
     print(f"first-step loss: CLIP (ours) {first['clip']:.6f}  open_clip {first['open_clip']:.6f}  "
           f"(|diff| {abs(first['clip'] - first['open_clip']):.2e}); GRAIN {first['grain']:.4f}")
@@ -283,6 +283,47 @@ def write_files(root: Path, samples: Path) -> tuple[Path, int]:
     return csv_path, len(rows)
 
 
+PHOTO_ROOT = Path("/usr/share/backgrounds/mate")
+
+
+def build_photos(root: Path, n: int, size: tuple[int, int] = (640, 480), quality: int = 90) -> tuple[Path, Path]:
+    """``n`` JPEG photos (random 4:3 crops of the mate-backgrounds photos, resized to ``size``) as files + a CSV,
+    and the samples/ folder grain's CSV ingest makes of them (image bytes stored as they are). Returns
+    ``(samples folder, csv path)``."""
+    import numpy as np
+    from PIL import Image
+
+    from grain.data.ingest import ingest
+
+    sources = sorted(p for p in PHOTO_ROOT.rglob("*.jpg"))
+    if not sources:
+        raise SystemExit(f"no photos under {PHOTO_ROOT}: run scripts/setup_composite.sh (apt-get mate-backgrounds)")
+    rng = np.random.default_rng(0)
+    folder = root / "photos"
+    folder.mkdir()
+    csv_path = root / "photos-open_clip.tsv"  # absolute paths, for CsvDataset
+    ingest_list = root / "photos.tsv"  # paths relative to the folder (ingest confines them to image_root)
+    with open(csv_path, "w", newline="") as fh, open(ingest_list, "w", newline="") as rel:
+        writers = csv.writer(fh, delimiter="\t"), csv.writer(rel, delimiter="\t")
+        for w in writers:
+            w.writerow(["filepath", "title"])
+        for i in range(n):
+            src = sources[i % len(sources)]
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                scale = rng.uniform(0.5, 0.9) * min(im.width / size[0], im.height / size[1])
+                w, h = int(size[0] * scale), int(size[1] * scale)
+                x, y = int(rng.integers(0, im.width - w + 1)), int(rng.integers(0, im.height - h + 1))
+                im.crop((x, y, x + w, y + h)).resize(size, Image.BICUBIC).save(folder / f"{i:06d}.jpg", quality=quality)
+            caption = f"a photograph, part of {src.stem}, number {i}"
+            writers[0].writerow([str(folder / f"{i:06d}.jpg"), caption])
+            writers[1].writerow([f"{i:06d}.jpg", caption])
+    samples = root / "photo_samples"
+    ingest(IngestConfig(source="csv", path=str(ingest_list), image_root=str(folder), image_column="filepath",
+                        caption_column="title", num_shards=4), samples)
+    return samples, csv_path
+
+
 SHIMMED: list[str] = []
 
 
@@ -323,7 +364,7 @@ def import_csv_dataset() -> type:
 
 
 def ours_pass(world: World, n_batches: int, batch_size: int, image_size: int, ctx: int, cfg: TrainConfig, warmup: int) -> float:
-    loader = TrainLoader(world["samples"], world["descriptions"], world["regions"], batch_size=batch_size,
+    loader = TrainLoader(world["samples"], world.get("descriptions"), world.get("regions"), batch_size=batch_size,
                          image_size=image_size, context_length=ctx, max_regions=cfg.max_regions,
                          rewrite_prob=cfg.rewrite_prob, seed=cfg.seed, num_workers=1, prefetch=0)
     try:
@@ -357,11 +398,9 @@ def open_clip_pass(csv_path: Path, batch_size: int, image_size: int, ctx: int, w
     return dt
 
 
-def part2(args: argparse.Namespace, root: Path, world: World) -> None:
-    arch = load_arch(args.arch)
-    cfg = TrainConfig(arch=args.arch)
-    image_size, ctx = int(arch["vision_cfg"]["image_size"]), int(arch["text_cfg"]["context_length"])
-    csv_path, n = write_files(root, world["samples"])
+def compare_loaders(title: str, world: World, csv_path: Path, n: int, image_size: int, ctx: int, cfg: TrainConfig,
+                    args: argparse.Namespace) -> float:
+    """One loader comparison (both sides on one core); prints its table and returns ours / open_clip."""
     bs = args.loader_batch_size
     n_batches = n // bs
     threads = torch.get_num_threads()
@@ -380,23 +419,38 @@ def part2(args: argparse.Namespace, root: Path, world: World) -> None:
         torch.set_num_threads(threads)
     images = n_batches * bs
     rate = {k: images / statistics.median(v) for k, v in secs.items()}
-    print(f"== Part 2: loader, {images} images ({args.image_px} px PNG) -> {image_size} px, batch {bs}, "
-          f"one pass after {args.loader_warmup} warm-up batches, {args.loader_rounds} rounds interleaved, median")
-    print("both decode on ONE core: ours TrainLoader(num_workers=1, prefetch=0), open_clip DataLoader(num_workers=0); "
-          "torch threads = 1; so images/s = images/s/core")
-    print()
+    ratio = rate["ours"] / rate["open_clip"]
+    print(f"-- {title}: {images} images -> {image_size} px, batch {bs}, one pass after {args.loader_warmup} warm-up "
+          f"batches, {args.loader_rounds} rounds interleaved, median")
     print(f"{'loader':<44} {'s/pass median':>13} {'images/s/core':>14}")
     print(f"{'ours: Parquet shards + TrainLoader':<44} {statistics.median(secs['ours']):>13.3f} {rate['ours']:>14.1f}")
     print(f"{'open_clip: files + CSV + CsvDataset':<44} {statistics.median(secs['open_clip']):>13.3f} {rate['open_clip']:>14.1f}")
+    print(f"ours / open_clip (images/s) = {ratio:.3f}  (target >= 1.0: {'meets' if ratio >= 1.0 else 'misses'} target)")
+    print("per-round s/pass: " + "; ".join(f"{k}: " + " ".join(f"{x:.3f}" for x in v) for k, v in secs.items()))
     print()
-    print(f"ours / open_clip (images/s) = {rate['ours'] / rate['open_clip']:.3f}")
-    print("note: ours does strictly more per image (joins descriptions/ and regions/ by uid, draws the caption rewrite, "
-          f"tokenises the caption and up to {cfg.max_regions} descriptions, selects and converts boxes), "
-          "so the comparison is conservative for ours")
+    return ratio
+
+
+def part2(args: argparse.Namespace, root: Path, world: World) -> None:
+    arch = load_arch(args.arch)
+    cfg = TrainConfig(arch=args.arch)
+    image_size, ctx = int(arch["vision_cfg"]["image_size"]), int(arch["text_cfg"]["context_length"])
+    print("== Part 2: loader images/s per core. Both decode on ONE core: ours TrainLoader(num_workers=1, prefetch=0), "
+          "open_clip DataLoader(num_workers=0); torch threads = 1")
+    print()
+    csv_path, n = write_files(root, world["samples"])
+    compare_loaders(f"(A) synthetic world, {args.image_px} px PNG, descriptions/ + regions/ joined", world, csv_path, n,
+                    image_size, ctx, cfg, args)
+    if args.photos:
+        samples, photo_csv = build_photos(root, args.photos)
+        compare_loaders("(B) JPEG photos 640x480 (mate-backgrounds crops)", {"samples": samples}, photo_csv,
+                        args.photos, 224, ctx, cfg, args)
+    print("note: in (A) ours does strictly more per image (joins descriptions/ and regions/ by uid, draws the caption "
+          f"rewrite, tokenises the caption and up to {cfg.max_regions} descriptions, selects and converts boxes); "
+          "ours squash-resizes to S x S, open_clip resizes the short side and centre-crops")
     if SHIMMED:
         print(f"(open_clip_train.data imported with placeholders for the uninstalled {', '.join(SHIMMED)}: used only by "
               "its webdataset readers, not by CsvDataset)")
-    print("per-round s/pass: " + "; ".join(f"{k}: " + " ".join(f"{x:.3f}" for x in v) for k, v in secs.items()))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -418,13 +472,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contestant first (>= 1)")
     parser.add_argument("--batches", type=int, default=4, help="pre-built batches the steps cycle through")
     parser.add_argument("--compile", action="store_true", help="torch.compile all three models")
-    parser.add_argument("--train-extras", action="store_true",
-                        help="ours also does train()'s per-step gradient norm + NaN guard (open_clip does neither without clipping)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in part 1 (default 1: on a small shared machine, OpenMP threads contending "
                              "with another process make steps 10-50x slower and noise-dominated)")
     parser.add_argument("--images", type=int, default=512, help="synthetic images in the world (part 2 reads them all)")
     parser.add_argument("--image-px", type=int, default=96, help="synthetic image side")
+    parser.add_argument("--photos", type=int, default=512,
+                        help="part 2 (B): JPEG photos to make from mate-backgrounds (0: skip set B)")
     parser.add_argument("--loader-batch-size", type=int, default=32)
     parser.add_argument("--loader-rounds", type=int, default=3)
     parser.add_argument("--loader-warmup", type=int, default=2, help="batches read before the timed pass")

@@ -50,7 +50,7 @@ class Assumptions:
 
     * ``peak_flops`` — the GPU's dense bf16 peak (default: H100 SXM, 989 TFLOP/s).
     * ``mfu_train`` 0.40 — a well-tuned ViT-B/16 contrastive step with bf16 autocast; the goal of
-      bench/gpu_train_mfu.py (open_clip's published run implies ≈ 13 % on A100s, see :data:`OPEN_CLIP_VIT_B16`).
+      bench/gpu_check.py (open_clip's published run implies ≈ 13 % on A100s, see :data:`OPEN_CLIP_VIT_B16`).
     * ``mfu_ground`` 0.30 — OWLv2 B/16 inference at 960 px (3600 tokens, large matmuls) in bf16.
     * ``mfu_prefill`` 0.35 — VLM prefill (vision encoder + LLM over the prompt): compute-bound, batched by vLLM.
     * ``mfu_decode`` 0.05 — VLM decode is memory-bound (every token reads all 15 GB of weights and its KV cache);

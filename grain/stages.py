@@ -258,13 +258,13 @@ class _Train(Stage):
             from grain.train import dist
             from grain.train.loop import train
 
-            probe = None
-            if cfg.train.eval_every and dist.get_rank() == 0:
+            def make_probe() -> Any:  # called by train() on rank 0 only, once the process group says which is 0
                 from grain.evaluate.probe import ZeroShotProbe
 
-                probe = ZeroShotProbe(cfg, workdir_path(cfg), cfg.train.eval_images)
+                return ZeroShotProbe(cfg, workdir_path(cfg), cfg.train.eval_images)
+
             result = train(cfg.train, samples, descriptions, regions, out, resume=resume, progress=progress,
-                           probe=probe)
+                           make_probe=make_probe)
             if dist.get_rank() != 0:  # torchrun: only rank 0 exports and reports
                 return summary
             summary.update(steps=result.steps, seconds=result.seconds, bad_steps=result.bad_steps)

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from grain.annotate.describe import describe
 from grain.annotate.ground import ground
-from grain.config import DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig, TrainConfig
+from grain.config import TRAIN_MODES, DescribeConfig, GroundConfig, IngestConfig, SyntheticConfig, TrainConfig
 from grain.data.ingest import ingest
 from grain.train.data import Batch, TrainLoader
 
@@ -33,16 +33,37 @@ BATCH = 16
 LR = 1e-3
 
 
-def _setup():
+MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
+ACCUMS = (2, 3)
+
+
+def _setup(mode: str = "grain"):
     from grain.train.loop import build_optimizer
     from grain.train.losses import GrainCriterion
     from grain.train.model import build_model
 
     cfg = TrainConfig(lr=LR, warmup_steps=0, steps=STEPS, min_lr=LR)
     torch.manual_seed(0)
-    model = build_model("grain-tiny", decoder={"dropout": 0.0})
+    model = build_model("grain-tiny", mode, decoder={"dropout": 0.0})
     opt, sched = build_optimizer(model, cfg)
-    return model, opt, sched, GrainCriterion("grain", cfg.weights)
+    return model, opt, sched, GrainCriterion(mode, cfg.weights, mask_duplicates=cfg.mask_duplicate_descriptions)
+
+
+def _for_mode(batch: Batch, mode: str) -> Batch:
+    """What train() feeds ``mode``: no region texts where the mode does not read them (clip)."""
+    if TRAIN_MODES[mode].reads_regions:
+        return batch
+    none = batch.desc_image[:0]
+    return Batch(images=batch.images, captions=batch.captions, desc_tokens=batch.desc_tokens[:0],
+                 desc_boxes=batch.desc_boxes[:0], desc_image=none, uids=batch.uids, position={})
+
+
+def _first_grads(net, model, crit, batch, accum: int) -> dict[str, torch.Tensor]:
+    from grain.train.loop import batch_sizes, forward_backward, prepared
+
+    batch = prepared(batch, accum, model, torch.device("cpu"))
+    forward_backward(net, crit, batch, accum, contextlib.nullcontext(), torch.device("cpu"), batch_sizes(batch, model))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _slice(batch: Batch, rank: int, world: int) -> Batch:
@@ -69,6 +90,24 @@ def _train(model, opt, sched, crit, batches, net=None):
         model.clamp_logit_scale(100.0)
         losses.append(float(loss))
     return losses, first_grads
+
+
+def _accum_worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
+    """Every mode × accumulation count under 2-rank DDP: the first step's gradients."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        batch = _slice(torch.load(batches_file, weights_only=False)[0], rank, world)
+        grads = {}
+        for mode in MODES:
+            for accum in ACCUMS:
+                model, _, _, crit = _setup(mode)
+                net = torch.nn.parallel.DistributedDataParallel(
+                    model, find_unused_parameters=TRAIN_MODES[mode].leaves_parameters_unused)
+                grads[f"{mode}/{accum}"] = _first_grads(net, model, crit, _for_mode(batch, mode), accum)
+        torch.save(grads, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
@@ -134,6 +173,47 @@ def test_two_process_ddp_equals_one_process(batches, tmp_path):
     print(f"DDP vs single: worst relative gradient error {worst:.1e}; worst loss difference over {STEPS} steps "
           f"{loss_err:.1e}", file=sys.stderr)
     assert loss_err < 1e-4, (rank_mean, single_losses)
+
+
+def _spawn(target, tmp_path: Path, batches) -> list[dict]:
+    torch.save(batches, tmp_path / "batches.pt")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path / "out")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+
+
+def test_ddp_with_gradient_accumulation_equals_one_process_in_every_mode(batches, tmp_path):
+    """2 ranks × ``grad_accum`` 2 and 3, every mode: the first step's gradient (what DDP leaves on every rank) equals
+    one process's on the same global batch without accumulation — the logit scale included, which takes part in
+    every micro-batch's backward (DDP needs every parameter in the synchronised backward; the first version gave it
+    only to the first, unsynchronised micro-batch, and the second step crashed)."""
+    ranks = _spawn(_accum_worker, tmp_path, batches)
+    worst = {}
+    for mode in MODES:
+        model, _, _, crit = _setup(mode)
+        single = _first_grads(model, model, crit, _for_mode(batches[0], mode), 1)
+        for accum in ACCUMS:
+            key = f"{mode}/{accum}"
+            for r in range(2):  # DDP leaves the same averaged gradient on both ranks
+                assert ranks[r][key].keys() == single.keys(), key
+            assert "clip.logit_scale" in single
+            for name, g in single.items():
+                err = float((ranks[0][key][name] - g).abs().max())
+                assert err <= 1e-7 + 1e-4 * float(g.abs().max()), (key, name, err, float(g.abs().max()))
+                assert torch.equal(ranks[0][key][name], ranks[1][key][name]), (key, name)
+                if float(g.abs().max()) > 1e-4:  # relative error where it means something
+                    worst[key] = max(worst.get(key, 0.0), err / float(g.abs().max()))
+    print("DDP x accumulation vs one process, worst relative gradient error:",
+          {k: f"{v:.1e}" for k, v in worst.items()}, file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover - spawn re-imports this module

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -28,6 +29,8 @@ import torch
 from grain import faults
 from grain.shards import write_json_atomic
 from grain.train.model import GrainModel, save_model
+
+log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
 META_FILE = "meta.json"
@@ -63,18 +66,37 @@ def resolve_resume(ckpt_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's torch RNG states as JSON-safe base64 strings."""
-    state = {"torch": _b64(torch.get_rng_state())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states as JSON-safe base64 strings: the CPU generator, and on a CUDA ``device`` that
+    device's generator only (``{"cuda": {"device": index, "state": ...}}``) — each process trains on one GPU, and
+    saving every visible GPU's state would tie the checkpoint to the number of GPUs the run happened to see."""
+    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = {"device": device.index, "state": _b64(torch.cuda.get_rng_state(device))}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s states: the CPU generator, and the saved GPU generator onto this process's own
+    CUDA ``device`` (whatever its index was when saved). Checkpoints of earlier versions hold a list with one state
+    per GPU visible then: this process's entry is the one at its device index when it exists; with fewer GPUs
+    visible now, or when resuming on the CPU, the GPU state is not restored (dropout on the GPU then draws
+    differently than the uninterrupted run would have; a warning says so)."""
     torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        if saved is not None:
+            log.warning("checkpoint holds a CUDA RNG state, but this run is on %s: not restored", device or "cpu")
+        return
+    if isinstance(saved, dict):
+        torch.cuda.set_rng_state(_unb64(saved["state"]), device)
+        return
+    index = device.index or 0
+    if index < len(saved):
+        torch.cuda.set_rng_state(_unb64(saved[index]), device)
+    else:
+        log.warning("checkpoint holds CUDA RNG states of %d GPUs; none for this process's cuda:%d: not restored",
+                    len(saved), index)
 
 
 def _b64(t: torch.Tensor) -> str:

@@ -20,23 +20,28 @@ Per image
       dropped and counted; the rest are sorted by score (ties broken by a shuffle seeded from
       ``(seed, epoch, uid)``, so over epochs every tied region gets its turn) and the best ``max_regions`` kept,
       as cxcywh normalised to the image (the squash resize keeps normalised coordinates unchanged);
-    * image: decoded, converted to RGB, squash-resized to ``S×S`` (PIL bicubic), ImageNet-normalised.
+    * image: decoded, converted to RGB, squash-resized to ``S×S`` (PIL bicubic), kept as uint8 (the model
+      normalises on its device: grain.train.model.normalize_images).
 
 Execution
-    Images are decoded in a ``ThreadPoolExecutor(num_workers)`` (results kept in order) and a daemon thread
-    prefetches ``prefetch`` batches; the output does not depend on either. ``state_dict()`` is the position after
-    the last batch *yielded*, never after what was prefetched, so a checkpoint resumes exactly.
+    Images are decoded in a ``ThreadPoolExecutor(num_workers)``, pipelined: the images of up to ``prefetch``
+    batches are in the pool at once, each written into its batch's uint8 buffer (page-locked with ``pin_memory``),
+    and a daemon thread prefetches ``prefetch`` finished batches; the output does not depend on either.
+    ``state_dict()`` is the position after the last batch *yielded*, never after what was prefetched, so a checkpoint
+    resumes exactly. With ``micro_batches`` and ``text_packer`` the batches also come :meth:`Batch.prepare`-d.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import queue
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +55,10 @@ from torch import Tensor
 
 from grain.annotate import boxes as box_ops
 from grain.data.files import decode_rgb, to_rgb
-from grain.train.model import text_tokenizer
+from grain.train.model import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported (the loader's image contract)
+from grain.train.model import TextPacker, normalize_images, text_tokenizer
 from grain.shards import output_parts
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Keys of a loader position (``state_dict()`` / ``Batch.position``).
 POSITION_KEYS = ("epoch", "unit", "row", "seed", "world_size", "rank", "units_signature")
@@ -75,11 +79,38 @@ _POLL_S = 0.1
 
 
 @dataclass
+class Micro:
+    """One micro-batch of a step, prepared on the host (``Batch.prepare``) so the device never waits for it.
+
+    Attributes:
+        start, end: its images are ``images[start:end]``.
+        desc_start, desc_end: its descriptions are ``desc_tokens[desc_start:desc_end]`` (grouped by image).
+        text_tokens: ``[U,L]`` long, the distinct rows of its captions followed by its descriptions, cut after
+            the last end-of-text position and padded up to a multiple of the text bucket (``TextPacker``).
+        text_index: ``[n_images + n_descriptions]`` long, the row of ``text_tokens`` of each caption, then each
+            description.
+    """
+
+    start: int
+    end: int
+    desc_start: int
+    desc_end: int
+    text_tokens: Tensor
+    text_index: Tensor
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> Micro:
+        """A copy with ``fn`` applied to each tensor."""
+        return dataclasses.replace(self, text_tokens=fn(self.text_tokens), text_index=fn(self.text_index))
+
+
+@dataclass
 class Batch:
     """One training batch.
 
     Attributes:
-        images: ``[B,3,S,S]`` float32, squash-resized to ``S×S`` (PIL bicubic), ImageNet mean/std normalised.
+        images: ``[B,3,S,S]`` uint8 RGB, squash-resized to ``S×S`` (PIL bicubic). Normalisation (ImageNet mean/std,
+            :func:`normalize_images`) happens on the device, inside the model: a quarter of the bytes to copy and
+            no float work for the decode threads. (A float32 tensor is taken as already normalised.)
         captions: ``[B,ctx]`` long, open_clip tokens of each image's caption (original or rewrite).
         desc_tokens: ``[M,ctx]`` long, the kept region descriptions of all images, grouped by image in batch order.
         desc_boxes: ``[M,4]`` float32 (cx, cy, w, h) normalised to the model frame (= the original image's
@@ -87,6 +118,13 @@ class Batch:
         desc_image: ``[M]`` long, index in the batch of each description's image (non-decreasing).
         uids: the ``B`` sample uids, in batch order.
         position: the loader position AFTER this batch (what a checkpoint stores to continue right after it).
+        desc_counts: host-side descriptions per image (``B`` ints), filled by :meth:`prepare`.
+        desc_key: ``[M]`` long text identity of each description (grain.train.losses.text_keys), by :meth:`prepare`.
+        micro: the step's micro-batches with their deduplicated text, by :meth:`prepare`.
+
+    Everything the training step needs on the host (counts, micro-batch bounds, which texts are distinct) is
+    computed by :meth:`prepare` before the batch goes to the device — in the loader's thread when the loader is
+    told the micro-batch count — so a step never reads device memory back to decide what to do.
     """
 
     images: Tensor
@@ -96,21 +134,54 @@ class Batch:
     desc_image: Tensor
     uids: list[str]
     position: dict[str, Any] = field(default_factory=dict)
+    desc_counts: list[int] | None = None
+    desc_key: Tensor | None = None
+    micro: list[Micro] | None = None
 
     def __len__(self) -> int:
         return len(self.uids)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on ``device`` (uids and position copied)."""
-        return Batch(
-            images=self.images.to(device, non_blocking=non_blocking),
-            captions=self.captions.to(device, non_blocking=non_blocking),
-            desc_tokens=self.desc_tokens.to(device, non_blocking=non_blocking),
-            desc_boxes=self.desc_boxes.to(device, non_blocking=non_blocking),
-            desc_image=self.desc_image.to(device, non_blocking=non_blocking),
-            uids=list(self.uids),
-            position=dict(self.position),
+    def prepare(self, micro_batches: int, packer: TextPacker) -> Batch:
+        """A copy with ``desc_counts``, ``desc_key`` and ``micro`` filled (host work; the tensors must be on the CPU).
+
+        Micro-batch ``k`` of ``micro_batches`` takes images ``[round(k·B/n), round((k+1)·B/n))`` and their
+        descriptions.
+        """
+        from grain.train.losses import text_keys
+
+        b = self.images.shape[0]
+        if not 1 <= micro_batches <= b:
+            raise ValueError(f"grad_accum={micro_batches} micro-batches need at least that many images; "
+                             f"the batch has {b}")
+        counts = torch.bincount(self.desc_image, minlength=b).tolist()
+        ends = np.cumsum([0, *counts]).tolist()
+        micro = []
+        for k in range(micro_batches):
+            s, e = round(k * b / micro_batches), round((k + 1) * b / micro_batches)
+            ds, de = ends[s], ends[e]
+            tokens, index = packer(torch.cat([self.captions[s:e], self.desc_tokens[ds:de]]))
+            micro.append(Micro(s, e, ds, de, tokens, index))
+        return dataclasses.replace(self, desc_counts=counts, desc_key=text_keys(self.desc_tokens), micro=micro)
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """A copy with ``fn`` applied to every tensor (uids, position and counts copied)."""
+        return dataclasses.replace(
+            self,
+            images=fn(self.images), captions=fn(self.captions), desc_tokens=fn(self.desc_tokens),
+            desc_boxes=fn(self.desc_boxes), desc_image=fn(self.desc_image), uids=list(self.uids),
+            position=dict(self.position), desc_counts=None if self.desc_counts is None else list(self.desc_counts),
+            desc_key=None if self.desc_key is None else fn(self.desc_key),
+            micro=None if self.micro is None else [m.apply(fn) for m in self.micro],
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device`` (uids, position and counts copied). ``non_blocking`` copies from
+        pinned memory overlap with the device's work."""
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy with every tensor in page-locked memory (what makes ``to(cuda, non_blocking=True)`` asynchronous)."""
+        return self.apply(lambda t: t if t.is_pinned() else t.pin_memory())
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -180,15 +251,18 @@ def load_image(data: bytes, image_size: int, where: str = "image") -> np.ndarray
     return image_tensor(decode_rgb(data, where=where), image_size)
 
 
-def image_tensor(rgb: Image.Image, image_size: int) -> np.ndarray:
-    """An RGB image squash-resized to ``S×S`` (bicubic) and ImageNet-normalised → ``[3,S,S]`` float32."""
+def image_uint8(rgb: Image.Image, image_size: int) -> np.ndarray:
+    """An RGB image squash-resized to ``S×S`` (bicubic) → ``[3,S,S]`` uint8: what the training loader ships."""
     if rgb.mode != "RGB":
         rgb = to_rgb(rgb)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BICUBIC)
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def image_tensor(rgb: Image.Image, image_size: int) -> np.ndarray:
+    """An RGB image squash-resized to ``S×S`` (bicubic) and ImageNet-normalised → ``[3,S,S]`` float32."""
+    return normalize_images(torch.from_numpy(image_uint8(rgb, image_size))).numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -218,12 +292,41 @@ class _Item:
 
 @dataclass
 class _Prepared:
-    image: np.ndarray  # [3,S,S]
     caption: str
     texts: list[str]
     boxes: np.ndarray  # [m,4]
     dropped: int
     rewrite: bool
+
+
+@dataclass
+class _InFlight:
+    """A batch whose images are being decoded: its items, its uint8 buffer, one future per image, its position."""
+
+    items: list[_Item]
+    images: Tensor
+    futures: list[Any]
+    position: tuple[int, int, int]
+
+
+class _Done:
+    """A call made at once, with the ``Future`` interface (decoding without a pool): ``result()`` returns its value
+    or raises its exception, so failures surface in stream order as they do with a pool."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.value, self.error = None, None
+        try:
+            self.value = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised by result()
+            self.error = exc
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def cancel(self) -> bool:
+        return False
 
 
 class _ShardCache:
@@ -268,6 +371,10 @@ class _Source:
         world_size: int,
         signature: str,
         pool: ThreadPoolExecutor | None,
+        depth: int = 1,
+        pin_memory: bool = False,
+        micro_batches: int | None = None,
+        packer: TextPacker | None = None,
     ):
         self.parts = parts
         self.desc_parts = desc_parts
@@ -282,6 +389,10 @@ class _Source:
         self.world_size = world_size
         self.signature = signature
         self.pool = pool
+        self.depth = max(1, depth)
+        self.pin_memory = pin_memory
+        self.micro_batches = micro_batches
+        self.packer = packer
         self.tokenizer = text_tokenizer(context_length)
         self.context_length = context_length
         self._token_cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # short phrases repeat a lot
@@ -321,41 +432,53 @@ class _Source:
 
     # -- the stream
     def batches(self, epoch: int, unit_i: int, row: int) -> Iterator[tuple[Batch, dict[str, int]]]:
-        """Batches (with their stats) from the normalised position ``(epoch, unit_i, row)`` on, forever."""
+        """Batches (with their stats) from the normalised position ``(epoch, unit_i, row)`` on, forever.
+
+        Decoding is pipelined: the images of up to ``depth`` batches are in the decode pool at once, each written
+        straight into its batch's (pinned) uint8 buffer, so the pool keeps working while a finished batch is
+        tokenised and collated; batches still come out in stream order, whatever the thread count.
+        """
         descriptions = _ShardCache(self.desc_parts, DESCRIPTION_COLUMNS) if self.desc_parts else None
         regions = _ShardCache(self.region_parts, REGION_COLUMNS) if self.region_parts else None
         pending: list[_Item] = []
-        while True:
-            units = self.epoch_units(epoch)
-            while unit_i < len(units):
-                unit = units[unit_i]
-                part = self.parts[unit.shard]
-                table = pq.ParquetFile(part).read_row_group(unit.row_group, columns=SAMPLE_COLUMNS)
-                uids = table.column("uid").to_pylist()
-                images = table.column("image")
-                captions = table.column("caption").to_pylist()
-                order = self.row_order(epoch, unit)
-                desc_rows = descriptions.get(unit.shard) if descriptions else {}
-                region_rows = regions.get(unit.shard) if regions else {}
-                while row < unit.num_rows:
-                    take = min(self.batch_size - len(pending), unit.num_rows - row)
-                    for r in order[row : row + take].tolist():
-                        uid = uids[r]
-                        pending.append(
-                            _Item(uid, images[r].as_py(), captions[r], epoch, str(part), desc_rows.get(uid), region_rows.get(uid))
-                        )
-                    row += take
-                    if len(pending) == self.batch_size:
-                        position = self.normalise(epoch, unit_i, row)
-                        yield self._collate(pending, position)
-                        pending = []
-                unit_i, row = unit_i + 1, 0
-            epoch, unit_i, row = epoch + 1, 0, 0
-
-    def _prepare(self, item: _Item) -> _Prepared:
-        """Decode and resize one image and pick its caption and regions (runs in the decode pool)."""
+        in_flight: deque[_InFlight] = deque()
         try:
-            image = load_image(item.image, self.image_size)
+            while True:
+                units = self.epoch_units(epoch)
+                while unit_i < len(units):
+                    unit = units[unit_i]
+                    part = self.parts[unit.shard]
+                    table = pq.ParquetFile(part).read_row_group(unit.row_group, columns=SAMPLE_COLUMNS)
+                    uids = table.column("uid").to_pylist()
+                    images = table.column("image")
+                    captions = table.column("caption").to_pylist()
+                    order = self.row_order(epoch, unit)
+                    desc_rows = descriptions.get(unit.shard) if descriptions else {}
+                    region_rows = regions.get(unit.shard) if regions else {}
+                    while row < unit.num_rows:
+                        take = min(self.batch_size - len(pending), unit.num_rows - row)
+                        for r in order[row : row + take].tolist():
+                            uid = uids[r]
+                            pending.append(_Item(uid, images[r].as_py(), captions[r], epoch, str(part),
+                                                 desc_rows.get(uid), region_rows.get(uid)))
+                        row += take
+                        if len(pending) == self.batch_size:
+                            in_flight.append(self._submit(pending, self.normalise(epoch, unit_i, row)))
+                            pending = []
+                            if len(in_flight) >= self.depth:
+                                yield self._collate(in_flight.popleft())
+                    unit_i, row = unit_i + 1, 0
+                epoch, unit_i, row = epoch + 1, 0, 0
+        finally:
+            for job in in_flight:  # stopped early: let no decode thread write into a buffer nobody reads
+                for f in job.futures:
+                    f.cancel()
+
+    def _prepare(self, item: _Item, out: np.ndarray) -> _Prepared:
+        """Decode and resize one image into ``out`` ``[3,S,S]`` uint8 and pick its caption and regions (runs in
+        the decode pool)."""
+        try:
+            out[...] = image_uint8(decode_rgb(item.image, where="image"), self.image_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported with where it came from
             raise RuntimeError(
                 f"cannot decode the image of uid {item.uid!r} in {item.part}: {type(exc).__name__}: {exc}"
@@ -365,22 +488,38 @@ class _Source:
         caption, rewrite = choose_caption(item.caption, desc.get("caption_rewrite") if desc else None, self.rewrite_prob, rng)
         reg = item.regions if item.regions is not None and item.regions.get("error") is None else None
         texts, boxes, dropped = select_regions(reg["regions"] if reg else None, self.max_regions, rng)
-        return _Prepared(image, caption, texts, boxes, dropped, rewrite)
+        return _Prepared(caption, texts, boxes, dropped, rewrite)
 
-    def _collate(self, items: list[_Item], position: tuple[int, int, int]) -> tuple[Batch, dict[str, int]]:
-        prepared = list(self.pool.map(self._prepare, items)) if self.pool is not None else [self._prepare(i) for i in items]
+    def _submit(self, items: list[_Item], position: tuple[int, int, int]) -> _InFlight:
+        """Start decoding a batch's images into a fresh (pinned) uint8 buffer."""
+        size = self.image_size
+        images = torch.empty((len(items), 3, size, size), dtype=torch.uint8, pin_memory=self.pin_memory)
+        views = images.numpy()
+        if self.pool is None:
+            futures = [_Done(self._prepare, item, views[i]) for i, item in enumerate(items)]
+        else:
+            futures = [self.pool.submit(self._prepare, item, views[i]) for i, item in enumerate(items)]
+        return _InFlight(items, images, futures, position)
+
+    def _collate(self, job: _InFlight) -> tuple[Batch, dict[str, int]]:
+        items = job.items
+        prepared = [f.result() for f in job.futures]
         texts = [t for p in prepared for t in p.texts]
         counts = [len(p.texts) for p in prepared]
         boxes = np.concatenate([p.boxes for p in prepared]) if texts else np.zeros((0, 4), np.float32)
         batch = Batch(
-            images=torch.from_numpy(np.stack([p.image for p in prepared])),
+            images=job.images,
             captions=self._tokenize([p.caption for p in prepared]),
             desc_tokens=self._tokenize(texts),
             desc_boxes=torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
             desc_image=torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts, dtype=torch.long)),
             uids=[i.uid for i in items],
-            position=self.position_dict(*position),
+            position=self.position_dict(*job.position),
         )
+        if self.micro_batches is not None and self.packer is not None:
+            batch = batch.prepare(self.micro_batches, self.packer)
+        if self.pin_memory:
+            batch = batch.pin_memory()
         stats = {
             "images": len(items),
             "regions_kept": len(texts),
@@ -495,6 +634,18 @@ class _Runtime:
 # ------------------------------------------------------------------------------------------------ the loader
 
 
+def default_num_workers(local_world_size: int | None = None) -> int:
+    """Decode threads for one training process: this machine's usable cores shared by the processes on it
+    (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1. A GPU at ViT-B/16 speed eats 1.5-3k images/s, about
+    ten cores' worth of JPEG decoding and resizing, so every core a process can have is worth having."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(1, local))
+
+
 def _aligned_parts(samples_dir: Path, samples_parts: list[Path], other: str | Path | None, what: str) -> list[Path] | None:
     if other is None:
         return None
@@ -527,8 +678,15 @@ class TrainLoader:
         rewrite_prob: probability of training on the rewritten caption when one exists.
         seed: data order, caption choice and tie breaking.
         rank, world_size: this process' share: ``units[rank::world_size]`` of each epoch's order.
-        num_workers: image decoding threads (0: decode in the producing thread).
-        prefetch: batches prepared ahead by a background thread (0: none, batches are made on demand).
+        num_workers: image decoding threads (0: decode in the producing thread). PIL releases the GIL while it
+            decodes and resizes, so threads scale with cores; give each GPU process its share of the node's cores
+            (``default_num_workers``).
+        prefetch: batches prepared ahead by a background thread (0: none, batches are made on demand); as many
+            batches are in the decode pool at once.
+        pin_memory: put batches in page-locked memory (CUDA training), so host→device copies are asynchronous.
+        micro_batches, text_packer: when both are given, every batch is :meth:`Batch.prepare`-d in the loader's
+            thread (``micro_batches`` = the step's gradient-accumulation count; ``text_packer`` = the model's
+            ``GrainModel.text_packer()``), so the training step does no host-side work of its own.
 
     Iterate it (``for batch in loader``; it never ends), ``close()`` it (or use ``with``). ``state_dict()`` /
     ``load_state_dict()`` checkpoint and restore the position; ``stats`` counts what the yielded batches held.
@@ -550,6 +708,9 @@ class TrainLoader:
         world_size: int = 1,
         num_workers: int = 2,
         prefetch: int = 2,
+        pin_memory: bool = False,
+        micro_batches: int | None = None,
+        text_packer: TextPacker | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -608,7 +769,8 @@ class TrainLoader:
             parts, desc_parts, region_parts, units,
             batch_size=batch_size, image_size=image_size, context_length=context_length, max_regions=max_regions,
             rewrite_prob=rewrite_prob, seed=seed, rank=rank, world_size=world_size,
-            signature=self.units_signature, pool=self._runtime.pool,
+            signature=self.units_signature, pool=self._runtime.pool, depth=prefetch, pin_memory=pin_memory,
+            micro_batches=micro_batches, packer=text_packer,
         )
         self._pos: tuple[int, int, int] = self._source.normalise(0, 0, 0)
         self._stream: Iterator[tuple[Batch, dict[str, int]]] | None = None

@@ -53,12 +53,14 @@ def _all_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s.item()) for s in sizes]
 
 
-def gather_with_local_grad(x: Tensor) -> tuple[Tensor, int]:
+def gather_with_local_grad(x: Tensor, sizes: list[int] | None = None) -> tuple[Tensor, int]:
     """All-gather ``x`` along dim 0 from every rank; only the local slice stays attached to the graph.
 
     Args:
         x: ``[n_r, *rest]`` on rank ``r``; ``n_r`` may differ between ranks (0 included), ``rest`` and the dtype
             must be the same everywhere. Any dtype ``all_gather`` supports (float embeddings, long indices...).
+        sizes: every rank's ``n_r`` when the caller knows them (:func:`all_gather_ints`); otherwise they are
+            gathered here, which on a GPU reads device memory back (a host sync per call).
 
     Returns:
         ``(x_all, offset)`` where ``x_all`` is ``[sum_r n_r, *rest]``, the rows of rank 0, then rank 1, ...; the
@@ -72,7 +74,10 @@ def gather_with_local_grad(x: Tensor) -> tuple[Tensor, int]:
     if not is_distributed():
         return x, 0
     rank = get_rank()
-    sizes = _all_sizes(x.shape[0], x.device)
+    if sizes is None:
+        sizes = _all_sizes(x.shape[0], x.device)
+    elif len(sizes) != get_world_size() or sizes[rank] != x.shape[0]:
+        raise ValueError(f"sizes {sizes} do not fit rank {rank}'s {x.shape[0]} rows in a world of {get_world_size()}")
     offset = sum(sizes[:rank])
     max_n = max(sizes)
     if max_n == 0:  # nothing anywhere: every rank agrees, so skipping the collective is safe
@@ -115,12 +120,45 @@ def scale_local_grad(loss: Tensor) -> Tensor:
     return scale_grad(loss, float(get_world_size()))
 
 
+_HOST_GROUP: Any = None
+
+
+def host_group() -> Any:
+    """A process group for small host-side exchanges: the default group when it is gloo (CPU training), else a gloo
+    group over the same ranks, made once (a collective: every rank's first call must be in step). Exchanging
+    Python numbers over it never touches the GPU, so it costs no device sync."""
+    global _HOST_GROUP
+    if torch_dist.get_backend() == "gloo":
+        return None  # the default group
+    if _HOST_GROUP is None:
+        _HOST_GROUP = torch_dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def all_gather_ints(local: dict[str, int]) -> dict[str, list[int]]:
+    """Every rank's integers ``local`` (same keys everywhere), in rank order: ``{key: [v_0, v_1, ...]}``, over the
+    host group (collective).
+
+    The training step calls it once with its batch's row counts (images, descriptions, matched pairs), so the
+    contrastive losses can all-gather features of known sizes without reading sizes back from the GPU; logging
+    steps use it to agree on rank 0's decisions. Without a process group: ``{key: [v]}``.
+    """
+    keys = sorted(local)
+    if not is_distributed():
+        return {k: [int(local[k])] for k in keys}
+    mine = torch.tensor([int(local[k]) for k in keys], dtype=torch.long)
+    out = [torch.zeros_like(mine) for _ in range(get_world_size())]
+    torch_dist.all_gather(out, mine, group=host_group())
+    table = torch.stack(out).tolist()
+    return {k: [row[i] for row in table] for i, k in enumerate(keys)}
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=host_group())  # pickles travel over gloo, not the GPU
     return out
 
 

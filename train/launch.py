@@ -53,6 +53,20 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    os.environ["LOCAL_WORLD_SIZE"] = str(ctx.get_local_world_size())
     paths = config["paths"]
-    train(TrainConfig(**config["train"]), paths["samples"], paths["descriptions"], paths["regions"], config["out"],
+    cfg = worker_config(TrainConfig(**config["train"]))
+    train(cfg, paths["samples"], paths["descriptions"], paths["regions"], config["out"],
           resume=config["resume"], progress=ctx.get_world_rank() == 0)
+
+
+def worker_config(cfg: TrainConfig) -> TrainConfig:
+    """The train config a Ray Train worker runs: without ``ray_use_gpu`` Ray schedules no GPU for it and its process
+    group is gloo, so it trains on the CPU even where GPUs are visible (``device: auto`` would otherwise take them
+    behind Ray's back); a ``train.device`` naming a GPU is then an error, not a silent surprise."""
+    if cfg.ray_use_gpu:
+        return cfg
+    if cfg.device not in ("auto", "cpu"):
+        raise ValueError(f"train.device={cfg.device!r} with train.ray_use_gpu=false: Ray gives these workers no GPU; "
+                         "set train.ray_use_gpu=true to train on GPUs")
+    return cfg.model_copy(update={"device": "cpu"})

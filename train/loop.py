@@ -10,6 +10,15 @@ AdamW with warm-up + cosine per step, logit-scale clamp. Gradient accumulation s
 but keeps the contrastive batch whole: features of every micro-batch are first computed without gradients, then
 each micro-batch is recomputed with gradients (same dropout, via its saved RNG state) and the loss is taken over
 the full batch with that micro-batch live — so ``grad_accum=k`` gives the gradient of ``grad_accum=1``.
+
+Keeping a GPU busy: the loader ships uint8 images in pinned memory with everything the step needs on the host
+already worked out (descriptions per image, micro-batch bounds, the distinct texts cut to a bucketed length;
+grain.train.data.Batch.prepare), the copies are asynchronous and the model normalises on the device. Row counts
+that the gathers of the contrastive losses need are exchanged between ranks over a host (gloo) group. The NaN/inf
+guard never reads the device: the fused AdamW skips a non-finite step itself (its ``found_inf`` input) and the
+skipped steps are counted on the device and read at logging steps. What is left is one read-back per step, the
+matching cost block the Hungarian solver needs on the CPU (none in ``clip``/``clip_desc``); logging and
+checkpoint steps read more.
 """
 
 from __future__ import annotations
@@ -33,8 +42,8 @@ from grain.shards import write_json_atomic
 from grain.stages import STAGE_FILE, TRAIN, TRAIN_SUMMARY_FILE, input_fingerprint
 from grain.train import dist
 from grain.train.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from grain.train.data import Batch, TrainLoader
-from grain.train.losses import GrainCriterion, text_keys
+from grain.train.data import Batch, TrainLoader, default_num_workers
+from grain.train.losses import GrainCriterion
 from grain.train.model import GrainModel, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -108,8 +117,9 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 # ------------------------------------------------------------------------------------------------ one step
 
 
-def _targets(batch: Batch) -> dict[str, Tensor]:
-    return {"desc_image": batch.desc_image, "desc_boxes": batch.desc_boxes, "desc_key": text_keys(batch.desc_tokens)}
+def _targets(batch: Batch, sizes: dict[str, list[int]] | None) -> dict[str, Any]:
+    return {"desc_image": batch.desc_image, "desc_boxes": batch.desc_boxes, "desc_key": batch.desc_key,
+            "desc_counts": batch.desc_counts, "sizes": sizes}
 
 
 def _float(out: dict[str, Any]) -> dict[str, Any]:
@@ -126,42 +136,75 @@ def _rng_restore(snap: tuple[Tensor, Tensor | None], device: torch.device) -> No
         torch.cuda.set_rng_state(snap[1], device)
 
 
+def base_model(net: torch.nn.Module) -> GrainModel:
+    """The GrainModel inside a DDP and/or torch.compile wrapper."""
+    while not isinstance(net, GrainModel):
+        net = getattr(net, "module", None) or getattr(net, "_orig_mod")
+    return net
+
+
+def prepared(batch: Batch, accum: int, model: torch.nn.Module, device: torch.device) -> Batch:
+    """``batch`` with its host-side plan (:meth:`Batch.prepare`) for ``accum`` micro-batches, on ``device``.
+
+    The training loop's loader prepares batches in its own thread; this covers batches made elsewhere (tests,
+    benchmarks), reading them back to the CPU first if they already are on a device."""
+    if batch.micro is None or len(batch.micro) != accum or batch.desc_counts is None:
+        batch = batch.apply(lambda t: t.cpu()).prepare(accum, base_model(model).text_packer())
+    return batch.to(device, non_blocking=True)
+
+
+def batch_sizes(batch: Batch, model: torch.nn.Module) -> dict[str, list[int]]:
+    """Every rank's row counts for this step's gathers: images, descriptions and matched (query, description)
+    pairs (host-side; one small exchange over the host group under DDP)."""
+    q = base_model(model).num_region_queries
+    pairs = sum(min(q, n) for n in batch.desc_counts or [])
+    return dist.all_gather_ints({"images": batch.images.shape[0], "descs": batch.desc_tokens.shape[0], "pairs": pairs})
+
+
 _PER_IMAGE = ("image_embed", "text_embed", "region_embed", "boxes")
 
 
+def _forward(model: torch.nn.Module, batch: Batch, k: int) -> dict[str, Any]:
+    m = batch.micro[k]
+    return model(batch.images[m.start : m.end], text_tokens=m.text_tokens, text_index=m.text_index)
+
+
 def forward_backward(model: torch.nn.Module, criterion: GrainCriterion, batch: Batch, accum: int,
-                     autocast: contextlib.AbstractContextManager, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss over the whole batch and its gradient (accumulated over ``accum`` micro-batches, exactly)."""
-    targets = _targets(batch)
+                     autocast: contextlib.AbstractContextManager, device: torch.device,
+                     sizes: dict[str, list[int]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss over the whole batch and its gradient (accumulated over ``accum`` micro-batches, exactly).
+
+    ``batch`` is prepared for ``accum`` micro-batches (:func:`prepared` does it when it is not); ``sizes`` are the
+    ranks' row counts (:func:`batch_sizes`; None: the criterion exchanges them on the device)."""
+    batch = prepared(batch, accum, model, device)
+    targets = _targets(batch, sizes)
     if accum == 1:
         with autocast:
-            out = model(batch.images, batch.captions, batch.desc_tokens)
+            out = _forward(model, batch, 0)
         loss, logs = criterion(_float(out), targets)
         loss.backward()
         return loss.detach(), logs
-    b = batch.images.shape[0]
-    bounds = [round(i * b / accum) for i in range(accum + 1)]
-    desc_bounds = [int((batch.desc_image < s).sum()) for s in bounds]  # descriptions are grouped by image
-    chunks = [(bounds[i], bounds[i + 1], desc_bounds[i], desc_bounds[i + 1]) for i in range(accum)]
     cached, snaps = [], []
     with torch.no_grad():
-        for s, e, ds, de in chunks:
+        for k in range(accum):
             snaps.append(_rng_snapshot(device))
             with autocast:
-                cached.append(_float(model(batch.images[s:e], batch.captions[s:e], batch.desc_tokens[ds:de])))
+                cached.append(_float(_forward(model, batch, k)))
+        # every micro-batch's loss sees the same full-batch outputs: match them once (one read-back per step)
+        matches = criterion.match(_assemble(cached, cached[0], 0, accum), targets) if criterion.matching else None
     after = _rng_snapshot(device)
     loss = None
     logs: dict[str, Tensor] = {}
     sync = getattr(model, "no_sync", None)
     for k in range(accum):
         _rng_restore(snaps[k], device)
-        s, e, ds, de = chunks[k]
+        # DDP reduces gradients in the backward of the last micro-batch only
         ctx = sync() if (sync is not None and k < accum - 1) else contextlib.nullcontext()
         with ctx:
             with autocast:
-                live = _float(model(batch.images[s:e], batch.captions[s:e], batch.desc_tokens[ds:de]))
-            full = _assemble(cached, live, k)
-            loss_k, logs_k = criterion(full, targets)
+                live = _float(_forward(model, batch, k))
+            full = _assemble(cached, live, k, accum)
+            loss_k, logs_k = criterion(full, targets, matches)
             loss_k.backward()
         if k == 0:
             loss, logs = loss_k.detach(), logs_k
@@ -169,7 +212,7 @@ def forward_backward(model: torch.nn.Module, criterion: GrainCriterion, batch: B
     return loss, logs
 
 
-def _assemble(cached: list[dict[str, Any]], live: dict[str, Any], k: int) -> dict[str, Any]:
+def _assemble(cached: list[dict[str, Any]], live: dict[str, Any], k: int, accum: int) -> dict[str, Any]:
     parts = [live if i == k else c for i, c in enumerate(cached)]
     full: dict[str, Any] = {}
     for key in live:
@@ -177,8 +220,11 @@ def _assemble(cached: list[dict[str, Any]], live: dict[str, Any], k: int) -> dic
             full[key] = torch.cat([p[key] for p in parts])
         elif key == "aux_boxes":
             full[key] = [torch.cat([p[key][j] for p in parts]) for j in range(len(live[key]))]
-    # the logit scale is one parameter of the full-batch loss: its gradient must be counted once, not per chunk
-    full["logit_scale"] = live["logit_scale"] if k == 0 else live["logit_scale"].detach()
+    # The logit scale is one parameter of the full-batch loss, live in every micro-batch's loss, and each of those
+    # gives it the full gradient: 1/accum of it from each sums to the gradient once. It must take part in every
+    # backward — under DDP a parameter missing from the synchronised (last) backward is never reduced, and the next
+    # step fails with "Expected to have finished reduction in the prior iteration".
+    full["logit_scale"] = dist.scale_grad(live["logit_scale"], 1.0 / accum)
     return full
 
 
@@ -195,15 +241,15 @@ def train(
     resume: str | None = "latest",
     progress: bool = True,
     export: bool = True,
-    probe: Callable[[GrainModel], dict[str, float]] | None = None,
+    make_probe: Callable[[], Callable[[GrainModel], dict[str, float]]] | None = None,
 ) -> TrainResult:
     """Train ``cfg.mode`` on the joined stage folders; checkpoints and logs go to ``out_dir``.
 
     ``resume``: "latest" (default: continue from the newest complete checkpoint in out_dir/checkpoints, or start
     fresh), a checkpoint folder, or None (start fresh even if checkpoints exist — they are overwritten as the run
     reaches their steps). Returns a TrainResult; writes out_dir/model/ (the exported model) on rank 0 at the end.
-    ``probe`` (rank 0; grain.evaluate.probe.ZeroShotProbe): called every ``cfg.eval_every`` steps and at the last
-    step; its metrics are logged with the training scalars.
+    ``make_probe`` builds the zero-shot probe (grain.evaluate.probe.ZeroShotProbe), on rank 0 only: it is called
+    every ``cfg.eval_every`` steps and at the last step; its metrics are logged with the training scalars.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -234,7 +280,8 @@ def train(
         samples_dir, inputs["descriptions"], inputs["regions"],
         batch_size=cfg.batch_size, image_size=model.image_size, context_length=model.context_length,
         max_regions=cfg.max_regions, rewrite_prob=cfg.rewrite_prob, seed=cfg.seed, rank=rank, world_size=world,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers or default_num_workers(), pin_memory=device.type == "cuda",
+        micro_batches=cfg.grad_accum, text_packer=model.text_packer(cfg.text_bucket),
     )
 
     step, bad_steps = 0, 0
@@ -248,19 +295,22 @@ def train(
         scheduler.load_state_dict(optim_state["scheduler"])
         step, bad_steps = int(meta["step"]), int(meta["bad_steps"])
         loader.load_state_dict(meta["loader"][rank])
-        set_rng_state(meta["rng"][rank])
+        set_rng_state(meta["rng"][rank], device)
         if is_main:
             log.info("resumed from %s at step %d", start, step)
 
     net: torch.nn.Module = model
     if dist.is_distributed():
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        # buffers not synced per forward: the model's buffers are constants (positions, normalisation), never updated
         net = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=mode.leaves_parameters_unused, **ddp_kwargs
+            model, find_unused_parameters=mode.leaves_parameters_unused, forward_sync_buffers=False, **ddp_kwargs
         )
     if cfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, backend=cfg.compile_backend)
     autocast = _autocast(device, cfg.precision)
+    every = cfg.checkpoint_every or (1000 if device.type == "cuda" else 100)
+    probe = make_probe() if (make_probe is not None and is_main and cfg.eval_every) else None
     if is_main:  # a resumed run logs every step after its checkpoint again: drop what the killed run logged past it
         _truncate_metrics(out_dir / METRICS_FILE, step)
     writer = _summary_writer(out_dir / "tb", purge_step=step + 1 if step else None) if is_main else None
@@ -270,40 +320,41 @@ def train(
     final_ckpt: Path | None = None
     batches: Iterator[Batch] = iter(loader)
     window_t, window_n = time.perf_counter(), 0
+    last_ckpt_t = time.perf_counter()
+    skipped = torch.zeros((), device=device)  # non-finite steps since the last logging step, counted on the device
     try:
         net.train()
         while step < cfg.steps:
-            batch = next(batches).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss, logs = forward_backward(net, criterion, batch, cfg.grad_accum, autocast, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                model.clamp_logit_scale(cfg.logit_scale_max)
-            else:
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); step skipped (%d so far)",
-                            step, float(loss), float(grad_norm), bad_steps)
-                if bad_steps > cfg.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_steps} steps with NaN/inf loss or gradient (train.max_bad_steps={cfg.max_bad_steps}); "
-                        f"last at step {step}. Lower train.lr or check the data."
-                    )
-            scheduler.step()
+            batch = prepared(next(batches), cfg.grad_accum, model, device)
+            loss, logs, grad_norm, bad = train_step(net, criterion, optimizer, scheduler, batch, cfg, autocast, device)
+            skipped += bad
             step += 1
             window_n += batch.images.shape[0] * world
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            if log_now:
                 now = time.perf_counter()
-                last = {k: float(v.detach()) for k, v in logs.items()}
-                last.update(loss=float(loss), lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm),
-                            logit_scale=float(model.logit_scale.detach().exp()), bad_steps=bad_steps,
-                            samples_per_s=window_n / max(now - window_t, 1e-9))
+                values = _host_values({**logs, "loss": loss, "grad_norm": grad_norm,
+                                       "logit_scale": model.logit_scale.detach().exp(), "skipped": skipped})
+                skipped.zero_()
+                new_bad = int(values.pop("skipped"))
+                if new_bad:
+                    bad_steps += new_bad
+                    log.warning("%d step(s) up to step %d had a non-finite loss or gradient and were skipped "
+                                "(%d so far; last loss %s, grad_norm %s)", new_bad, step, bad_steps,
+                                values["loss"], values["grad_norm"])
+                    if bad_steps > cfg.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_steps} steps with NaN/inf loss or gradient (train.max_bad_steps={cfg.max_bad_steps}); "
+                            f"last by step {step}. Lower train.lr or check the data."
+                        )
+                last = {**values, "lr": optimizer.param_groups[0]["lr"], "bad_steps": bad_steps,
+                        "samples_per_s": window_n / max(now - window_t, 1e-9)}
+                if cfg.compile:
+                    last["compiled_graphs"] = _compiled_graphs()
                 window_t, window_n = now, 0
                 if is_main:
                     _log_metrics(writer, metrics_fh, step, last)
-            if probe is not None and is_main and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if probe is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 zs = probe(model)
                 last.update(zs)
                 _log_metrics(writer, metrics_fh, step, zs)
@@ -311,9 +362,17 @@ def train(
                 bar.update(1)
                 if last:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", sps=f"{last['samples_per_s']:.0f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            due = step % every == 0 or step == cfg.steps
+            if not due and log_now and cfg.checkpoint_minutes:  # by time: rank 0's clock decides for every rank
+                late = int(time.perf_counter() - last_ckpt_t >= 60 * cfg.checkpoint_minutes)
+                due = bool(dist.all_gather_ints({"due": late})["due"][0])
+            if due:
+                if not log_now:  # the checkpoint's count must hold every skipped step
+                    bad_steps += int(skipped)
+                    skipped.zero_()
                 final_ckpt = _checkpoint(ckpt_dir, step, model, optimizer, scheduler, loader, batch, cfg, bad_steps,
-                                         world, is_main)
+                                         world, is_main, device)
+                last_ckpt_t = time.perf_counter()
         model_dir = None
         if export and is_main:
             model_dir = save_model(model, out_dir / "model")
@@ -332,6 +391,61 @@ def train(
             metrics_fh.close()
 
 
+def train_step(net: torch.nn.Module, criterion: GrainCriterion, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batch: Batch, cfg: TrainConfig, autocast: contextlib.AbstractContextManager,
+               device: torch.device) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """One optimizer step on ``batch`` (prepared and on ``device``; ``net`` the model, maybe DDP/compiled).
+
+    Returns device tensors only — ``(loss, logs, grad_norm, bad)``, ``bad`` 1.0 when the step was skipped — so
+    nothing here waits for the device but the matching cost read-back inside the criterion.
+    """
+    model = base_model(net)
+    _mark_dynamic(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss, logs = forward_backward(net, criterion, batch, cfg.grad_accum, autocast, device, batch_sizes(batch, model))
+    grad_norm = _grad_norm([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    # The guard without a host sync: the fused AdamW leaves weights, moments and its step count untouched when
+    # found_inf is 1, so a non-finite step is skipped on the device (and counted there by the caller).
+    bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    optimizer.found_inf = bad
+    optimizer.step()
+    model.clamp_logit_scale(cfg.logit_scale_max)
+    scheduler.step()
+    return loss, logs, grad_norm, bad
+
+
+def _grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> Tensor:
+    """The total gradient norm (a device tensor), clipping to ``max_norm`` when set; no host sync either way."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def _host_values(values: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors → floats with one device read (a logging step's)."""
+    keys = list(values)
+    flat = torch.stack([values[k].detach().float().reshape(()).to(values["loss"].device) for k in keys]).tolist()
+    return dict(zip(keys, flat))
+
+
+def _mark_dynamic(batch: Batch) -> None:
+    """Tell torch.compile that the text sizes vary from step to step (distinct texts, their bucketed length, the
+    description count), so it compiles one graph for all of them instead of one per size seen (a no-op when
+    nothing is compiled)."""
+    for m in batch.micro or []:
+        torch._dynamo.maybe_mark_dynamic(m.text_tokens, 0)
+        torch._dynamo.maybe_mark_dynamic(m.text_tokens, 1)
+        torch._dynamo.maybe_mark_dynamic(m.text_index, 0)
+
+
+def _compiled_graphs() -> float:
+    """Graphs torch.compile has compiled in this process so far (flat after warm-up when nothing recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return float(counters["stats"]["unique_graphs"])
+
+
 def _check_same_run(meta: dict[str, Any], cfg: TrainConfig, world: int, path: Path) -> None:
     saved = meta["config"]
     now = cfg.model_dump(mode="json")
@@ -343,8 +457,9 @@ def _check_same_run(meta: dict[str, Any], cfg: TrainConfig, world: int, path: Pa
 
 
 def _checkpoint(ckpt_dir: Path, step: int, model: GrainModel, optimizer: torch.optim.Optimizer, scheduler: Any,
-                loader: TrainLoader, batch: Batch, cfg: TrainConfig, bad_steps: int, world: int, is_main: bool) -> Path:
-    own = {"loader": batch.position, "rng": rng_state()}
+                loader: TrainLoader, batch: Batch, cfg: TrainConfig, bad_steps: int, world: int, is_main: bool,
+                device: torch.device) -> Path:
+    own = {"loader": batch.position, "rng": rng_state(device)}
     gathered = dist.all_gather_object(own)
     path = ckpt_dir / f"step_{step:06d}"
     if is_main:

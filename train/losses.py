@@ -10,6 +10,12 @@ Inputs (see :class:`grain.train.model.GrainModel`; every embedding is already L2
     outputs["logit_scale"]   []       exp'd temperature shared by every contrastive loss
     targets["desc_image"]    [M] long index (0..B-1) of each description's image
     targets["desc_boxes"]    [M,4]    (cx, cy, w, h) in [0, 1] of each description's region
+    targets["desc_key"]      [M] long text identity of each description (``mask_duplicates``; :func:`text_keys`)
+    targets["desc_counts"]   optional: B host ints, descriptions per image (grouped by image, as the loader makes them)
+    targets["sizes"]         optional: every rank's row counts {"images", "descs", "pairs"} (grain.train.dist.all_gather_ints)
+
+The two optional host-side entries let the training step run without reading anything back from the GPU but the
+one ``[B,Q,M]`` matching-cost block; without them the criterion works out the same on the device (with host syncs).
 
 Losses per mode (``TrainMode.losses`` in grain.config.TRAIN_MODES):
 
@@ -40,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,7 +55,7 @@ from torchvision.ops import box_convert
 from grain.config import TRAIN_MODES
 
 from .dist import all_reduce_sum, gather_with_local_grad, get_world_size, scale_grad, scale_local_grad
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, assign_blocks
 
 def weighted_total(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """``sum_k weights[k] * losses[k]`` over the keys of ``losses`` (the only place where weights are applied)."""
@@ -84,13 +91,15 @@ def paired_giou(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     return inter / union.clamp(min=eps) - (hull - union) / hull.clamp(min=eps)
 
 
-def image_caption_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tuple[Tensor, Tensor, int]:
+def image_caption_loss(image: Tensor, text: Tensor, logit_scale: Tensor,
+                       sizes: list[int] | None = None) -> tuple[Tensor, Tensor, int]:
     """Symmetric InfoNCE on the global batch (collective).
 
     Args:
         image: ``[B,D]`` local image embeddings (L2-normalised).
         text: ``[B,D]`` local caption embeddings, row i pairs with image i.
         logit_scale: scalar temperature (exp'd).
+        sizes: every rank's ``B`` when known (no size exchange on the device then).
 
     Returns:
         ``(loss, acc, offset)``: the mean of the image→text and text→image cross-entropies over the ``N`` images
@@ -98,8 +107,8 @@ def image_caption_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> tupl
         ranks; gradient ×W via :func:`scale_local_grad`), the detached image→text top-1 accuracy, and the index
         of this rank's first image in the global batch.
     """
-    img_all, offset = gather_with_local_grad(image)
-    txt_all, _ = gather_with_local_grad(text)
+    img_all, offset = gather_with_local_grad(image, sizes)
+    txt_all, _ = gather_with_local_grad(text, sizes)
     n = img_all.shape[0]
     if n == 0:
         return _zero_with_graph(image, text, logit_scale), torch.zeros((), device=image.device), offset
@@ -117,6 +126,8 @@ def region_description_loss(
     logit_scale: Tensor,
     groups: Tensor | None = None,
     keys: Tensor | None = None,
+    desc_sizes: list[int] | None = None,
+    query_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Query→description InfoNCE against every description of the global batch (collective).
 
@@ -132,17 +143,19 @@ def region_description_loss(
             the positive's exact text are masked out the same way: "a red body" of another image is the same
             target, not a negative (the synthetic world and real MLLM output repeat short phrases a lot, and
             without the mask the positive is ambiguous and the loss has a floor of log(copies)).
+        desc_sizes, query_sizes: every rank's ``M`` and ``K`` when known (no size exchange on the device then).
 
     Returns:
         ``(loss, acc, K_global)``: mean cross-entropy over the ``K_global`` queries of the global batch (identical
         on every rank; gradient ×W via :func:`scale_local_grad`; an exact 0 with a gradient path when there is no
         query anywhere), the detached top-1 accuracy (0 when none), and ``K_global``.
     """
-    desc_all, desc_offset = gather_with_local_grad(descs)  # [Mg,D]
-    query_all, _ = gather_with_local_grad(queries)  # [Kg,D]
-    pos_all, _ = gather_with_local_grad(positives.to(torch.long) + desc_offset)  # [Kg] global description index
-    group_all = gather_with_local_grad(groups)[0] if groups is not None else None  # [Mg]
-    key_all = gather_with_local_grad(keys)[0] if keys is not None else None  # [Mg]
+    desc_all, desc_offset = gather_with_local_grad(descs, desc_sizes)  # [Mg,D]
+    query_all, _ = gather_with_local_grad(queries, query_sizes)  # [Kg,D]
+    # [Kg] global description index of each query's positive
+    pos_all, _ = gather_with_local_grad(positives.to(torch.long) + desc_offset, query_sizes)
+    group_all = gather_with_local_grad(groups, desc_sizes)[0] if groups is not None else None  # [Mg]
+    key_all = gather_with_local_grad(keys, desc_sizes)[0] if keys is not None else None  # [Mg]
     k = query_all.shape[0]
     if k == 0:
         zero = _zero_with_graph(queries, descs, logit_scale)
@@ -197,45 +210,53 @@ class GrainCriterion(nn.Module):
     # -- matching -----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _descriptions_per_image(desc_image: Tensor, num_images: int) -> list[Tensor]:
-        """``desc_image [M]`` → ``B`` LongTensors with the (ascending) description indices of each image."""
-        desc_image = desc_image.to(torch.long)
-        order = torch.argsort(desc_image, stable=True)
-        counts = torch.bincount(desc_image, minlength=num_images)
-        if counts.numel() > num_images:
+    def descriptions_per_image(targets: Mapping[str, Any], num_images: int) -> list[np.ndarray]:
+        """The description indices of each image, on the host.
+
+        From ``targets["desc_counts"]`` (host ints, descriptions grouped by image as the loader makes them) without
+        touching the device; otherwise from ``desc_image`` (read back from the device, any order).
+        """
+        counts = targets.get("desc_counts")
+        if counts is not None:
+            if len(counts) != num_images:
+                raise ValueError(f"desc_counts has {len(counts)} entries for a batch of {num_images} images")
+            return np.split(np.arange(sum(counts), dtype=np.int64), np.cumsum(counts)[:-1])
+        desc_image = targets["desc_image"].detach().cpu().numpy().astype(np.int64)
+        if desc_image.size and desc_image.max() >= num_images:
             raise ValueError(f"desc_image refers to image {int(desc_image.max())} of a batch of {num_images}")
-        return list(order.split(counts.tolist()))
+        order = np.argsort(desc_image, kind="stable")
+        return np.split(order, np.cumsum(np.bincount(desc_image, minlength=num_images))[:-1])
 
     @torch.no_grad()
-    def match(self, outputs: Mapping[str, Any], targets: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def match(self, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Hungarian matching of every image's region queries to its descriptions.
 
         Returns:
             ``(batch_idx, query_idx, desc_idx)``, each ``[K]`` long on the device of the outputs: matched pair
             ``k`` is query ``query_idx[k]`` of image ``batch_idx[k]`` and description ``desc_idx[k]`` (an index into
             the local ``M`` descriptions). Cost: ``5 L1 - 2 GIoU`` of the boxes, or ``-cos(region, description)``
-            in ``no_box``.
+            in ``no_box``. The ``[B, Q, M]`` cost block is computed on the device and read back once.
         """
-        region = outputs["region_embed"] if self.mode == "no_box" else None
-        boxes = outputs["boxes"] if self.mode != "no_box" else None
-        ref = region if region is not None else boxes
+        ref = outputs["region_embed"] if self.mode == "no_box" else outputs["boxes"]
         b, q = ref.shape[:2]
         device = ref.device
-        per_image = self._descriptions_per_image(targets["desc_image"].to(device), b)
-        if region is not None:
+        per_image = self.descriptions_per_image(targets, b)
+        m = sum(len(idx) for idx in per_image)
+        if m == 0 or q == 0:
+            cost = np.zeros((b, q, m))
+        elif self.mode == "no_box":
             desc = self._desc_embed(outputs, targets)
-            cost = [-(region[i] @ desc[idx].T) for i, idx in enumerate(per_image)]  # [Q,n_i]
-            # with cost_override the matcher only reads the shapes of its box arguments
-            matches = self.matcher(region.new_zeros(b, q, 4), [desc[idx] for idx in per_image], cost_override=cost)
+            cost = -(ref.flatten(0, 1) @ desc.T).float().view(b, q, m).cpu().numpy()
         else:
-            desc_boxes = targets["desc_boxes"].to(device)
-            matches = self.matcher(boxes.detach(), [desc_boxes[idx] for idx in per_image])
-        batch_idx, query_idx, desc_idx = [], [], []
-        for i, ((pred, tgt), idx) in enumerate(zip(matches, per_image)):
-            batch_idx.append(torch.full_like(pred, i))
-            query_idx.append(pred)
-            desc_idx.append(idx.cpu()[tgt])
-        return tuple(torch.cat(x).to(device) for x in (batch_idx, query_idx, desc_idx))  # type: ignore[return-value]
+            tgt = targets["desc_boxes"].to(device)
+            cost = self.matcher.cost(ref.detach().flatten(0, 1), tgt).view(b, q, m).cpu().numpy()
+        pairs = assign_blocks(cost, per_image)
+        return tuple(torch.from_numpy(x).to(device, non_blocking=True) for x in pairs)  # type: ignore[return-value]
+
+    @staticmethod
+    def num_pairs(desc_counts: list[int], num_queries: int) -> int:
+        """Matched pairs of a batch: ``sum_i min(Q, n_i)`` (one-to-one matching)."""
+        return sum(min(num_queries, n) for n in desc_counts)
 
     # -- losses -------------------------------------------------------------------------------------------------
 
@@ -251,13 +272,15 @@ class GrainCriterion(nn.Module):
         return image.new_zeros((0, image.shape[-1]))
 
     def box_losses(
-        self, boxes: Tensor, desc_boxes: Tensor, batch_idx: Tensor, query_idx: Tensor, desc_idx: Tensor
+        self, boxes: Tensor, desc_boxes: Tensor, batch_idx: Tensor, query_idx: Tensor, desc_idx: Tensor,
+        desc_sizes: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """L1 and GIoU losses of the matched pairs (collective: the box count is all-reduced).
 
         Args:
             boxes: ``[B,Q,4]`` predicted (cx, cy, w, h). desc_boxes: ``[M,4]`` target (cx, cy, w, h).
             batch_idx, query_idx, desc_idx: ``[K]`` matched pairs (see :meth:`match`).
+            desc_sizes: every rank's ``M`` when known (the global box count is then their sum, no collective).
 
         Returns:
             ``(loss_bbox, loss_giou, stats)``; stats (detached): ``num_boxes`` (global number of target boxes) and
@@ -268,7 +291,10 @@ class GrainCriterion(nn.Module):
         l1 = (src - tgt).abs().sum()
         giou = paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))  # [K]
         world = get_world_size()
-        n_global = all_reduce_sum(torch.tensor(float(desc_boxes.shape[0]), device=src.device))
+        if desc_sizes is not None:
+            n_global = torch.tensor(float(sum(desc_sizes)), device=src.device)
+        else:
+            n_global = all_reduce_sum(torch.tensor(float(desc_boxes.shape[0]), device=src.device))
         num_boxes = (n_global / world).clamp(min=1.0)
         loss_bbox = l1 / num_boxes
         loss_giou = (1.0 - giou).sum() / num_boxes
@@ -276,8 +302,15 @@ class GrainCriterion(nn.Module):
         stats = {"num_boxes": n_global, "matched_giou": giou_sum / pairs.clamp(min=1.0)}
         return loss_bbox, loss_giou, stats
 
-    def forward(self, outputs: Mapping[str, Any], targets: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns ``(total, logs)``.
+    @property
+    def matching(self) -> bool:
+        """Whether the mode matches region queries to descriptions (:meth:`match`)."""
+        return TRAIN_MODES[self.mode].matching
+
+    def forward(self, outputs: Mapping[str, Any], targets: Mapping[str, Any],
+                matches: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns ``(total, logs)``. ``matches``: the result of :meth:`match` on these outputs' values, when the
+        caller has it already (gradient accumulation matches the full batch once for all its micro-batches).
 
         ``total`` = ``sum_k weights[k] * loss_k`` over the mode's losses. ``logs`` holds every unweighted loss
         (attached to the graph) plus detached statistics: ``ic_acc`` (always), ``num_boxes`` and ``matched_giou``
@@ -289,13 +322,15 @@ class GrainCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
 
-        losses["loss_ic"], stats["ic_acc"], image_offset = image_caption_loss(image, outputs["text_embed"], logit_scale)
+        sizes = targets.get("sizes") or {}
+        losses["loss_ic"], stats["ic_acc"], image_offset = image_caption_loss(
+            image, outputs["text_embed"], logit_scale, sizes.get("images"))
 
-        if TRAIN_MODES[self.mode].matching:
-            batch_idx, query_idx, desc_idx = self.match(outputs, targets)
+        if self.matching:
+            batch_idx, query_idx, desc_idx = matches if matches is not None else self.match(outputs, targets)
         if "loss_bbox" in self.loss_names:
             losses["loss_bbox"], losses["loss_giou"], box_stats = self.box_losses(
-                outputs["boxes"], targets["desc_boxes"], batch_idx, query_idx, desc_idx
+                outputs["boxes"], targets["desc_boxes"], batch_idx, query_idx, desc_idx, sizes.get("descs")
             )
             stats.update(box_stats)
         if "loss_rd" in self.loss_names:
@@ -305,14 +340,17 @@ class GrainCriterion(nn.Module):
                 queries = image[desc_image]  # [M,D]: each description's own image
                 positives = torch.arange(desc.shape[0], device=image.device)
                 groups = desc_image + image_offset  # global image index of each description
+                query_sizes = sizes.get("descs")
             else:
                 queries = outputs["region_embed"][batch_idx, query_idx]  # [K,D]
                 positives, groups = desc_idx, None
+                query_sizes = sizes.get("pairs")
             keys = targets.get("desc_key") if self.mask_duplicates else None
             if self.mask_duplicates and keys is None:
                 raise KeyError("mask_duplicates needs targets['desc_key'] (grain.train.losses.text_keys of the tokens)")
             losses["loss_rd"], stats["rd_acc"], _ = region_description_loss(
-                queries, desc, positives, logit_scale, groups, None if keys is None else keys.to(image.device)
+                queries, desc, positives, logit_scale, groups, None if keys is None else keys.to(image.device),
+                sizes.get("descs"), query_sizes,
             )
 
         total = weighted_total(losses, self.weights)

@@ -3,7 +3,9 @@
 The cost of assigning query ``q`` to target ``t`` is ``cost_bbox * L1(q, t) - cost_giou * GIoU(q, t)`` with the
 L1 distance taken on (cx, cy, w, h) and the generalised IoU on (x1, y1, x2, y2). Callers with a different notion
 of similarity (the ``no_box`` ablation, which does not train boxes) pass their own per-image cost matrices.
-Matching never back-propagates: it runs under ``torch.no_grad`` and on the CPU (scipy).
+Matching never back-propagates: it runs under ``torch.no_grad`` and on the CPU (scipy). The batch's costs are
+computed on the device as one ``[B, Q, M]`` block (every query against every description of the batch) and read
+back once (:func:`assign_blocks`): one host sync per training step, the only one outside logging steps.
 """
 
 from __future__ import annotations
@@ -35,17 +37,44 @@ def box_cost(pred_boxes: Tensor, tgt_boxes: Tensor, cost_bbox: float = 5.0, cost
     return cost_bbox * l1 - cost_giou * giou
 
 
-def _assign(cost: Tensor) -> Match:
-    """Optimal assignment of a ``[Q,n]`` CPU cost matrix → ``(pred_idx, tgt_idx)`` sorted by ``pred_idx``."""
+def _solve(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal assignment of a ``[Q,n]`` host cost array → ``(pred_idx, tgt_idx)`` int64, sorted by ``pred_idx``."""
     if cost.shape[0] == 0 or cost.shape[1] == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty.clone()
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # A diverging model can give NaN/inf boxes; match anyway (the loss is then non-finite and the training loop's
     # guard skips the step) instead of letting scipy raise on the cost matrix.
-    cost = torch.nan_to_num(cost.double(), nan=1e12, posinf=1e12, neginf=-1e12)
-    rows, cols = linear_sum_assignment(cost.numpy())
+    cost = np.nan_to_num(cost.astype(np.float64), nan=1e12, posinf=1e12, neginf=-1e12)
+    rows, cols = linear_sum_assignment(cost)
     order = np.argsort(rows, kind="stable")
-    return torch.as_tensor(rows[order], dtype=torch.long), torch.as_tensor(cols[order], dtype=torch.long)
+    return rows[order].astype(np.int64), cols[order].astype(np.int64)
+
+
+def _assign(cost: Tensor) -> Match:
+    """:func:`_solve` for a ``[Q,n]`` CPU cost tensor, as LongTensors."""
+    pred, tgt = _solve(cost.numpy())
+    return torch.from_numpy(pred), torch.from_numpy(tgt)
+
+
+def assign_blocks(cost: np.ndarray, per_image: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solve every image's assignment from one host-side cost array.
+
+    Args:
+        cost: ``[B, Q, M]`` (numpy): query ``q`` of image ``i`` against description ``j`` of the batch.
+        per_image: ``B`` int arrays, the description indices (into ``M``) of each image.
+
+    Returns:
+        ``(batch_idx, query_idx, desc_idx)`` int64 arrays of the matched pairs, image by image, queries ascending.
+    """
+    out: list[list[np.ndarray]] = [[], [], []]
+    for i, idx in enumerate(per_image):
+        pred, tgt = _solve(cost[i][:, idx])
+        out[0].append(np.full(len(pred), i, dtype=np.int64))
+        out[1].append(pred)
+        out[2].append(np.asarray(idx, dtype=np.int64)[tgt])
+    if not out[0]:
+        empty = np.zeros(0, np.int64)
+        return empty, empty.copy(), empty.copy()
+    return tuple(np.concatenate(parts) for parts in out)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -66,6 +95,10 @@ class HungarianMatcher:
     def __init__(self, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
         self.cost_bbox = float(cost_bbox)
         self.cost_giou = float(cost_giou)
+
+    def cost(self, pred_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """``[N,4]`` × ``[T,4]`` (cxcywh) → ``[N,T]`` float32 cost with this matcher's weights (on their device)."""
+        return box_cost(pred_boxes.float(), tgt_boxes.float(), self.cost_bbox, self.cost_giou)
 
     @torch.no_grad()
     def __call__(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from grain.config import TRAIN_MODES
 from grain.stages import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, model_content_hash
 
 QUERY_TYPES = ("learned", "anchored", "patches")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = 1
 
 
@@ -112,6 +115,54 @@ def text_tokenizer(context_length: int) -> Any:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=context_length)
+
+
+def normalize_images(images: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """uint8 ``[...,3,S,S]`` → float32 ``(x / 255 − mean) / std`` (ImageNet), on the tensor's own device.
+
+    The one definition of the model's input normalisation: the model applies it on the device to the training
+    loader's uint8 batches (with ``mean``/``std`` [3,1,1] buffers it keeps there), grain.train.data.image_tensor on
+    the CPU for evaluation — the same float32 operations in the same order, so the two agree bit for bit on a CPU.
+    A floating-point tensor is returned unchanged (already normalised).
+    """
+    if images.is_floating_point():
+        return images
+    if mean is None or std is None:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class TextPacker:
+    """Token rows → ``(distinct rows cut to L, index of each input row)``: the host-side half of text encoding.
+
+    Every text a step encodes (captions and region descriptions) goes through the text tower once per *distinct*
+    token row — short part phrases repeat a lot, and gradients of the copies add up exactly as if each were
+    encoded. When the tower has CLIP's causal mask and pools at the end-of-text token (``cut`` = "argmax" or
+    "eos"), positions after the batch's last end-of-text token cannot change any output, so the rows are cut
+    there; ``bucket`` rounds the cut up to a multiple (so ``torch.compile`` meets few distinct lengths).
+    Computed on the CPU by the loader, it saves the GPU step the ``unique`` and the length read-back.
+    """
+
+    context_length: int
+    cut: str | None = None  # "argmax" | "eos" | None (no causal mask or another pooling: keep every position)
+    eos_id: int | None = None
+    bucket: int = 8
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``tokens [N,T]`` → ``(unique [U,L], index [N])`` with ``unique[index] == tokens[:, :L]``."""
+        if tokens.shape[0] == 0:
+            return tokens[:, : min(self.bucket, tokens.shape[1])], torch.zeros(0, dtype=torch.long, device=tokens.device)
+        uniq, index = torch.unique(tokens, dim=0, return_inverse=True)
+        if self.cut is None:
+            return uniq, index
+        if self.cut == "argmax":
+            last = int(uniq.argmax(dim=-1).max())
+        else:
+            last = int((uniq == self.eos_id).int().argmax(dim=-1).max())
+        length = min(tokens.shape[1], -(-(last + 1) // self.bucket) * self.bucket)
+        return uniq[:, :length].contiguous(), index
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -268,6 +319,9 @@ class GrainModel(nn.Module):
             embed_dim=d, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**arch["text_cfg"]), output_dict=True
         )
         self.image_size = int(vision["image_size"])
+        # input normalisation constants on the model's device (not saved: they are the same for every model)
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         self.context_length = int(arch["text_cfg"]["context_length"])
         if self.uses_decoder:
             dec = arch["decoder"]
@@ -308,23 +362,28 @@ class GrainModel(nn.Module):
 
     # -- encoders ---------------------------------------------------------------------------------------------
 
+    def text_packer(self, bucket: int = 8) -> TextPacker:
+        """The :class:`TextPacker` that fits this text tower (where it may cut the context)."""
+        c = self.clip
+        causal = c.attn_mask is not None and c.text_pool_type in ("argmax", "eos")
+        return TextPacker(self.context_length, c.text_pool_type if causal else None, getattr(c, "text_eos_id", None), bucket)
+
     def encode_text(self, tokens: Tensor) -> Tensor:
         """tokens [N,T] → [N,D] L2-normalised.
 
-        Same result as open_clip's ``encode_text``, computed cheaper: identical rows are encoded once (a batch of
-        short region phrases repeats a lot; gradients of the copies add up exactly as if each were encoded), and
-        the context is cut after the last end-of-text token of the batch — with CLIP's causal mask and pooling at
-        the end-of-text token, padding positions after it cannot change the result.
+        Same result as open_clip's ``encode_text``, computed cheaper: each distinct row is encoded once, cut after
+        the last end-of-text token (:class:`TextPacker`, here with no length bucketing).
         """
-        c = self.clip
-        if tokens.shape[0] == 0 or c.attn_mask is None or c.text_pool_type not in ("argmax", "eos"):
-            return c.encode_text(tokens, normalize=True)  # no causal mask: every position matters
-        uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-        if c.text_pool_type == "argmax":
-            last = int(uniq.argmax(dim=-1).max())
-        else:
-            last = int((uniq == c.text_eos_id).int().argmax(dim=-1).max())
-        return self._encode_text_prefix(uniq[:, : last + 1])[inverse]
+        if tokens.shape[0] == 0:
+            return self.clip.encode_text(tokens, normalize=True)
+        uniq, index = self.text_packer(bucket=1)(tokens)
+        return self.encode_packed_text(uniq)[index]
+
+    def encode_packed_text(self, tokens: Tensor) -> Tensor:
+        """Distinct token rows from a :class:`TextPacker` (possibly cut to their first L positions) → [U,D]."""
+        if self.text_packer().cut is None:
+            return self.clip.encode_text(tokens, normalize=True)  # no causal mask: every position matters
+        return self._encode_text_prefix(tokens)
 
     def _encode_text_prefix(self, tokens: Tensor) -> Tensor:
         """open_clip's text forward on the first L positions (L = tokens.shape[1]): [N,L] → [N,D] normalised."""
@@ -342,7 +401,8 @@ class GrainModel(nn.Module):
         return F.normalize(x, dim=-1)
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor]:
-        """images [B,3,S,S] → {image_embed [B,D]} (+ region_embed [B,Q,D], boxes [B,Q,4], aux_boxes in decoder modes)."""
+        """images [B,3,S,S] (uint8, or float32 already normalised) → {image_embed [B,D]} (+ region_embed [B,Q,D], boxes [B,Q,4], aux_boxes in decoder modes)."""
+        images = normalize_images(images, self.image_mean, self.image_std)  # uint8 from the training loader
         if not self.uses_decoder:
             return {"image_embed": self.clip.encode_image(images, normalize=True)}
         memory = self.memory_norm(self.clip.visual(images))  # [B, 1+P, D]
@@ -358,14 +418,25 @@ class GrainModel(nn.Module):
         }
         return out
 
-    def forward(self, images: Tensor, captions: Tensor, desc_tokens: Tensor | None = None) -> dict[str, Any]:
+    def forward(self, images: Tensor, captions: Tensor | None = None, desc_tokens: Tensor | None = None, *,
+                text_tokens: Tensor | None = None, text_index: Tensor | None = None) -> dict[str, Any]:
+        """Either ``captions [B,T]`` (+ ``desc_tokens [M,T]``), or the same texts packed on the host by
+        :meth:`text_packer` (``text_tokens [U,L]``, ``text_index [B+M]``: captions first) — the training step's way,
+        which leaves the device nothing to read back."""
         out = self.encode_image(images)
-        b = captions.shape[0]
-        tokens = captions if desc_tokens is None or desc_tokens.shape[0] == 0 else torch.cat([captions, desc_tokens])
-        text = self.encode_text(tokens)  # one text pass for captions and descriptions
+        b = images.shape[0]
+        if text_tokens is not None:
+            text = self.encode_packed_text(text_tokens)[text_index]
+            with_desc = True
+        else:
+            if captions is None:
+                raise ValueError("forward needs captions or text_tokens/text_index")
+            tokens = captions if desc_tokens is None or desc_tokens.shape[0] == 0 else torch.cat([captions, desc_tokens])
+            text = self.encode_text(tokens)  # one text pass for captions and descriptions
+            with_desc = desc_tokens is not None
         out["text_embed"] = text[:b]
-        if desc_tokens is not None:
-            out["desc_embed"] = text[b:] if desc_tokens.shape[0] else text.new_zeros((0, text.shape[1]))
+        if with_desc:
+            out["desc_embed"] = text[b:]
         out["logit_scale"] = self.clip.logit_scale.exp()
         return out
 
