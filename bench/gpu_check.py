@@ -20,6 +20,9 @@ Two steps, because the device machine cannot download anything and lacks some of
     # on the GPU machine, from a plain checkout (carry .gpu):
     python3 bench/gpu_check.py run .gpu --out $OUT/gpu_check.json
 
+On a GPU machine with grain's venv (scripts/setup.sh) one command does both (no wheels needed):
+``python bench/gpu_check.py run --out gpu_check.json``.
+
 ``prepare`` writes ``.gpu/photos/`` (JPEG crops of the mate-backgrounds photos scripts/setup_composite.sh
 installs; read there, never committed), ``.gpu/owl-b16/`` (bench/gpu_ground.py prepare: processor and config, no
 weights) and ``.gpu/wheels/`` (open_clip_torch, ftfy, wcwidth and pydantic for CPython 3.12 manylinux x86_64: the
@@ -51,9 +54,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PHOTO_SIZE = (640, 480)
-#: Wheels the device image lacks (CPython 3.12, manylinux x86_64): open_clip and its text cleaning, pydantic.
-WHEELS = ("open_clip_torch==3.3.0", "ftfy", "wcwidth", "pydantic==2.*", "pydantic-core", "annotated-types",
-          "typing-inspection")
+#: Packages a bare GPU image lacks (open_clip and its text cleaning, pydantic), carried as CPython 3.12 manylinux
+#: x86_64 wheels at the versions constraints.txt pins (what CI runs).
+WHEELS = ("open_clip_torch", "ftfy", "wcwidth", "pydantic", "pydantic_core", "annotated-types", "typing-inspection")
+
+
+def _pinned(names: tuple[str, ...]) -> list[str]:
+    """``name==version`` from constraints.txt for each of ``names`` (pydantic and pydantic_core must match)."""
+    canon = lambda n: n.lower().replace("_", "-")  # noqa: E731
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().split() if "==" in line)
+    found = {canon(k): f"{k}=={v}" for k, v in pins.items()}
+    missing = [n for n in names if canon(n) not in found]
+    if missing:
+        raise SystemExit(f"constraints.txt pins none of {missing}")
+    return [found[canon(n)] for n in names]
 #: Dense bf16 peak TFLOP/s by device name (no sparsity): H100 SXM / H200 989, H100 PCIe 756, A100 312.
 PEAKS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
@@ -101,18 +115,21 @@ def make_photos(folder: Path, n: int, sources: list[Path] | None = None) -> None
 
 
 def prepare(out: Path, photos: int, wheels: bool) -> None:
+    """Photos (crops of the mate-backgrounds photos when installed, else made-up pictures, which decode alike but are
+    not photographs), the OWLv2-B/16 processor and, with ``wheels``, the wheels a bare GPU image lacks."""
     sources = sorted(Path("/usr/share/backgrounds/mate").rglob("*.jpg"))
     if not sources:
-        raise SystemExit("no photos under /usr/share/backgrounds/mate: run scripts/setup_composite.sh first")
+        print("no photos under /usr/share/backgrounds/mate (scripts/setup_composite.sh installs them): "
+              "the loader section reads made-up pictures instead", flush=True)
     make_photos(out / "photos", photos, sources)
-    print(f"wrote {photos} JPEG photos to {out / 'photos'}")
+    print(f"wrote {photos} JPEG pictures to {out / 'photos'}")
     subprocess.run([sys.executable, str(BENCH / "gpu_ground.py"), "prepare", str(out / "owl-b16")], check=True)
     if wheels:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                "3.12", "--implementation", "cp", "-d", str(out / "wheels")]
         for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
             cmd += ["--platform", tag]
-        subprocess.run([*cmd, *WHEELS], check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+        subprocess.run([*cmd, *_pinned(WHEELS)], check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
         print(f"downloaded {len(list((out / 'wheels').glob('*.whl')))} wheels to {out / 'wheels'}")
 
 
@@ -324,15 +341,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["train"] = train_step_section(args.arch, args.batch_size, args.steps, args.warmup, device,
                                              compile_modes, args.backend, peak, world)
         report["train_s"] = time.perf_counter() - t0
-        photos = args.dir / "photos" if args.dir else None
-        if photos is None or not photos.is_dir():
-            photos = root / "photos"
-            make_photos(photos, args.photos)
+        prep = args.dir
+        if prep is None:  # a machine with grain's venv: prepare here, now (the smoke form makes its own pictures)
+            prep = root / "prep"
+            if args.smoke:
+                make_photos(prep / "photos", args.photos)
+            else:
+                prepare(prep, args.photos, wheels=False)
         t0 = time.perf_counter()
-        report["loader"] = loader_section(photos, root, 224, args.loader_rounds, args.loader_batch)
+        report["loader"] = loader_section(prep / "photos", root, 224, args.loader_rounds, args.loader_batch)
         report["loader_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        owl_dir = args.dir / "owl-b16" if (args.dir and not args.smoke) else None
+        owl_dir = None if args.smoke else prep / "owl-b16"
         report["owl"] = owl_section(owl_dir, args.device, args.owl_images, args.owl_batch, args.owl_rounds)
         report["owl_s"] = time.perf_counter() - t0
         gpus = torch.cuda.device_count() if cuda else 0
@@ -356,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--photos", type=int, default=256)
     p.add_argument("--no-wheels", action="store_true", help="skip downloading the wheels")
     r = sub.add_parser("run", help="measure (on the GPU machine; --smoke: the CPU form)")
-    r.add_argument("dir", type=Path, nargs="?", help="the folder `prepare` wrote (optional with --smoke)")
+    r.add_argument("dir", type=Path, nargs="?", help="the folder `prepare` wrote; without it, a machine with grain's "
+                   "venv prepares in a temporary folder first (photos, the OWLv2 processor; no wheels)")
     r.add_argument("--smoke", action="store_true", help="CPU smoke form: grain-tiny, batch 8, 3 steps, aot_eager, "
                    "64 photos made here, the tiny OWLv2, DDP on 2 CPU processes")
     r.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
@@ -367,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--no-compile", action="store_true", help="eager only")
     r.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --smoke aot_eager)")
     r.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the name)")
-    r.add_argument("--photos", type=int, default=None, help="photos to make when none were prepared (default 64)")
+    r.add_argument("--photos", type=int, default=None, help="pictures to make when none were prepared (default 256; "
+                   "--smoke 64)")
     r.add_argument("--loader-rounds", type=int, default=None, help="default 3 (--smoke 1)")
     r.add_argument("--loader-batch", type=int, default=None, help="default 32 (--smoke 16)")
     r.add_argument("--owl-images", type=int, default=None, help="default 64 (--smoke 8)")
@@ -389,14 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     smoke = args.smoke
     defaults = {"device": "cpu" if smoke else "cuda", "arch": "grain-tiny" if smoke else "grain-vit-b16",
                 "batch_size": 8 if smoke else 128, "steps": 3 if smoke else 20, "warmup": 2 if smoke else 5,
-                "backend": "aot_eager" if smoke else "inductor", "photos": 64, "loader_rounds": 1 if smoke else 3,
+                "backend": "aot_eager" if smoke else "inductor", "photos": 64 if smoke else 256,
+                "loader_rounds": 1 if smoke else 3,
                 "loader_batch": 16 if smoke else 32,
                 "owl_images": 8 if smoke else 64, "owl_batch": 4 if smoke else 32, "owl_rounds": 1 if smoke else 2}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.dir is None and not smoke:
-        parser.error("run needs the folder `prepare` wrote (or --smoke)")
     run(args)
 
 
