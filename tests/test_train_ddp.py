@@ -138,20 +138,25 @@ def batches(tmp_path_factory):
     return out
 
 
-def test_two_process_ddp_equals_one_process(batches, tmp_path):
+def _spawn(target, tmp_path: Path, batches) -> list[dict]:
+    """Run ``target(rank, 2, init, batches_file, out)`` on 2 spawned processes; each rank's saved results."""
     torch.save(batches, tmp_path / "batches.pt")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path / "out")))
+    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path / "out")))
              for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(180)
+        p.join(300)
         if p.is_alive():
             p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    return [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+
+
+def test_two_process_ddp_equals_one_process(batches, tmp_path):
+    ranks = _spawn(_worker, tmp_path, batches)
 
     model, opt, sched, crit = _setup()
     single_losses, single_grads = _train(model, opt, sched, crit, batches)
@@ -173,22 +178,6 @@ def test_two_process_ddp_equals_one_process(batches, tmp_path):
     print(f"DDP vs single: worst relative gradient error {worst:.1e}; worst loss difference over {STEPS} steps "
           f"{loss_err:.1e}", file=sys.stderr)
     assert loss_err < 1e-4, (rank_mean, single_losses)
-
-
-def _spawn(target, tmp_path: Path, batches) -> list[dict]:
-    torch.save(batches, tmp_path / "batches.pt")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "batches.pt"), str(tmp_path / "out")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
 
 
 def test_ddp_with_gradient_accumulation_equals_one_process_in_every_mode(batches, tmp_path):
