@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from grain.config import TRAIN_MODES
 from grain.train.losses import GrainCriterion, paired_giou, text_keys
-from grain.train.matcher import HungarianMatcher, box_cost, match_one
+from grain.train.matcher import HungarianMatcher, assign_blocks, box_cost, match_one
 
 
 
@@ -124,11 +125,17 @@ def test_batched_matcher_equals_per_image():
     assert batched[1][0].numel() == 0 and batched[1][1].numel() == 0
 
 
-def test_matcher_cost_override():
+def test_assign_blocks_solves_each_image_on_its_own_descriptions():
+    """The criterion's path: one [B, Q, M] host cost block, each image solved on the columns of its descriptions."""
     cost = torch.tensor([[0.0, 5.0], [1.0, 0.5], [-2.0, 3.0]])
-    (p, j), = HungarianMatcher()(torch.zeros(1, 3, 4), [torch.zeros(2, 4)], cost_override=[cost])
-    assert p.tolist() == [1, 2] and j.tolist() == [1, 0]  # total 0.5 - 2.0 is the minimum
-    assert matched_cost(cost, p, j) == pytest.approx(brute_force_min(cost))
+    block = np.zeros((2, 3, 3))
+    block[0, :, :2] = cost.numpy()
+    block[1, :, 2] = [4.0, -1.0, 2.0]
+    block[0, :, 2] = block[1, :, :2] = -100.0  # another image's descriptions: never matched
+    batch_idx, query_idx, desc_idx = assign_blocks(block, [np.array([0, 1]), np.array([2])])
+    assert batch_idx.tolist() == [0, 0, 1] and query_idx.tolist() == [1, 2, 1] and desc_idx.tolist() == [1, 0, 2]
+    p, j = torch.tensor(query_idx[:2]), torch.tensor(desc_idx[:2])
+    assert matched_cost(cost, p, j) == pytest.approx(brute_force_min(cost))  # total 0.5 - 2.0 is the minimum
 
 
 # ------------------------------------------------------------------------------------------------ criterion

@@ -2,7 +2,8 @@
 
 The cost of assigning query ``q`` to target ``t`` is ``cost_bbox * L1(q, t) - cost_giou * GIoU(q, t)`` with the
 L1 distance taken on (cx, cy, w, h) and the generalised IoU on (x1, y1, x2, y2). Callers with a different notion
-of similarity (the ``no_box`` ablation, which does not train boxes) pass their own per-image cost matrices.
+of similarity (the ``no_box`` ablation, which does not train boxes) solve their own cost block with
+:func:`assign_blocks`.
 Matching never back-propagates: it runs under ``torch.no_grad`` and on the CPU (scipy). The batch's costs are
 computed on the device as one ``[B, Q, M]`` block (every query against every description of the batch) and read
 back once (:func:`assign_blocks`): one host sync per training step, the only one outside logging steps.
@@ -101,18 +102,12 @@ class HungarianMatcher:
         return box_cost(pred_boxes.float(), tgt_boxes.float(), self.cost_bbox, self.cost_giou)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        pred_boxes: Tensor,
-        tgt_boxes: Sequence[Tensor],
-        cost_override: Sequence[Tensor] | None = None,
-    ) -> list[Match]:
+    def __call__(self, pred_boxes: Tensor, tgt_boxes: Sequence[Tensor]) -> list[Match]:
         """Match every image's queries to its targets.
 
         Args:
-            pred_boxes: ``[B,Q,4]`` (cx, cy, w, h); only its shape is used when ``cost_override`` is given.
+            pred_boxes: ``[B,Q,4]`` (cx, cy, w, h).
             tgt_boxes: ``B`` tensors ``[n_i,4]`` (cx, cy, w, h); ``n_i`` may be 0.
-            cost_override: optional ``B`` tensors ``[Q,n_i]``: the per-image costs to use instead of the box cost.
 
         Returns:
             ``B`` pairs ``(pred_idx [K_i], tgt_idx [K_i])`` (CPU LongTensors sorted by ``pred_idx``,
@@ -125,19 +120,9 @@ class HungarianMatcher:
         if len(tgt_boxes) != b:
             raise ValueError(f"{len(tgt_boxes)} target tensors for a batch of {b} images")
         sizes = [int(t.shape[0]) for t in tgt_boxes]
-        if cost_override is not None:
-            if len(cost_override) != b:
-                raise ValueError(f"{len(cost_override)} cost matrices for a batch of {b} images")
-            blocks = []
-            for c, n in zip(cost_override, sizes):
-                if tuple(c.shape) != (q, n):
-                    raise ValueError(f"cost_override block of shape {tuple(c.shape)}, expected {(q, n)}")
-                blocks.append(c.detach().float().cpu())
-            return [_assign(c) for c in blocks]
         total = sum(sizes)
         if total == 0 or q == 0:
             return [_assign(torch.zeros(q, n)) for n in sizes]
         tgt = torch.cat([t.to(pred_boxes.device) for t in tgt_boxes]).float()
-        cost = box_cost(pred_boxes.flatten(0, 1).float(), tgt, self.cost_bbox, self.cost_giou)
-        cost = cost.view(b, q, total).cpu()
+        cost = self.cost(pred_boxes.flatten(0, 1), tgt).view(b, q, total).cpu()
         return [_assign(c[i]) for i, c in enumerate(cost.split(sizes, dim=-1))]
