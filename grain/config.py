@@ -327,8 +327,9 @@ class TrainConfig(_Frozen):
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this (null = no clipping, as the paper); the norm is logged either way.")
     logit_scale_max: float = Field(100.0, gt=1, description="Clamp exp(logit_scale) at this after every step.")
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 1.0},
-        description="weight_dict applied once to the loss dict (authors' effective box weight ×1.5).",
+        default_factory=lambda: {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 1.0, "loss_sel": 1.0},
+        description="weight_dict applied once to the loss dict (authors' effective box weight ×1.5); loss_sel trains "
+        "the patch scores of the selected-query decoder (docs/train.md).",
     )
     cost_bbox: float = Field(5.0, ge=0, description="Matcher cost of L1 between boxes (cxcywh).")
     cost_giou: float = Field(2.0, ge=0, description="Matcher cost of −GIoU.")
@@ -336,6 +337,8 @@ class TrainConfig(_Frozen):
         True, description="L_rd: descriptions with the positive's exact text are not negatives (false = the authors' loss)."
     )
     max_regions: int = Field(5, ge=1, description="Descriptions (with boxes) kept per image, best score first.")
+    match_repeats: int = Field(1, ge=1, description="One-to-many matching: each description is matched to up to this "
+                               "many region queries (H-DETR's one-to-many assignment on the same queries); 1 = DETR's one-to-one.")
     rewrite_prob: float = Field(0.5, ge=0, le=1, description="Probability of training on the rewritten caption.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     grad_checkpointing: bool = Field(False, description="Recompute tower activations in backward (saves memory).", json_schema_extra=NOT_FINGERPRINTED)
@@ -397,6 +400,11 @@ class EvalDatasetConfig(_Frozen):
     descriptors: str | None = Field(None, description="DCLIP-format JSON {class: [descriptors]}; synthetic: built in.")
     templates: list[str] | None = Field(None, description="Prompt templates with {c}; default: the dataset's or 'a photo of a {c}.'.")
     num_images: int = Field(400, ge=1, description="synthetic: images in the split.")
+    descriptor_pool: Literal["mean", "max"] = Field(
+        "mean", description="How a class's descriptors combine: mean (they describe parts of one object: DCLIP's "
+        "mean embedding, the region scorers' mean) or max (they are alternatives, e.g. one sentence per photo of "
+        "the category: the best-matching one scores the class) — in descriptions, descriptors, waffle and the "
+        "bind/max region scorers.")
     retrieval: bool = Field(False, description="samples: also evaluate caption retrieval on it.")
 
 
@@ -411,8 +419,8 @@ class EvalConfig(_Frozen):
 
     model: str | None = Field(None, description="Exported model folder; null = the train stage's model for this config.", json_schema_extra=NOT_FINGERPRINTED)
     datasets: list[EvalDatasetConfig] = Field(default_factory=_default_eval_datasets)
-    modes: list[Literal["names", "descriptions", "descriptors", "waffle", "regions"]] = Field(
-        default_factory=lambda: ["names", "descriptions", "descriptors", "waffle", "regions"],
+    modes: list[Literal["names", "descriptions", "descriptors", "composed", "waffle", "regions"]] = Field(
+        default_factory=lambda: ["names", "descriptions", "descriptors", "composed", "waffle", "regions"],
         description="Classification modes to run (docs/evaluate.md); the swap task runs on synthetic swap splits.",
     )
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],

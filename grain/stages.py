@@ -234,7 +234,16 @@ class _Ground(Stage):
 
 class _Train(Stage):
     def view(self, section: Any) -> dict[str, Any]:
-        return section.semantics()
+        """The train config's semantics plus the architecture it resolves to: a bundled arch is named in the config
+        but defined by its JSON file, so a change to that file (another decoder) must give new run folders."""
+        view = section.semantics()
+        try:
+            from grain.train.arch import load_arch
+
+            view["resolved_arch"] = load_arch(section.arch, section.arch_overrides)
+        except (ValueError, OSError):  # an unknown arch fails where the model is built, with its own message
+            pass
+        return view
 
     def needs(self, cfg: PipelineConfig) -> tuple[str, ...]:
         mode = cfg.train.mode_spec

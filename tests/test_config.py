@@ -150,7 +150,7 @@ def test_overrides_address_list_items_and_free_dicts():
     assert cfg.evaluate.datasets[0].split == "swap" and cfg.evaluate.datasets[1].split == "distractor"
     assert cfg.train.arch_overrides == {"decoder": {"layers": 2}}
     # one key of a dict field with a default: the other keys keep their defaults
-    assert cfg.train.weights == {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 3.0}
+    assert cfg.train.weights == {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 3.0, "loss_sel": 1.0}
     with pytest.raises(ConfigError, match=r"has 3 item\(s\); index 3 is out of range"):
         load_config(None, ["evaluate.datasets[3].path=x"])
     with pytest.raises(ConfigError, match="train.steps is a value"):

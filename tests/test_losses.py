@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
 from grain.config import TRAIN_MODES
-from grain.train.losses import GrainCriterion, paired_giou, text_keys
+from grain.train.losses import GrainCriterion, centre_patches, paired_giou, selection_loss, text_keys
 from grain.train.matcher import HungarianMatcher, assign_blocks, box_cost, match_one
 
 
@@ -311,6 +311,67 @@ def test_no_box_matches_by_cosine():
     assert {(b, qi): j for b, qi, j in zip(batch_idx.tolist(), query_idx.tolist(), desc_idx.tolist())} == known
     total, logs = crit(outputs, targets)
     assert set(logs) == {"loss_ic", "loss_rd", "ic_acc", "rd_acc"} and torch.isfinite(total)
+
+
+def test_centre_patches_and_selection_loss():
+    """loss_sel's positives are the patches holding a box's centre (row-major, as the ViT orders its tokens); the
+    focal loss pushes those scores up and every other score down, and is divided by the box count."""
+    boxes = torch.tensor([[0.05, 0.05, 0.1, 0.1], [0.99, 0.30, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 0.1, 0.1]])
+    assert centre_patches(boxes, 4).tolist() == [0, 1 * 4 + 3, 2 * 4 + 2, 15]
+    logits = torch.zeros(2, 16, requires_grad=True)
+    positives = (torch.tensor([0, 1, 1]), torch.tensor([0, 7, 7]))  # a patch holding two centres is one positive
+    loss = selection_loss(logits, positives, torch.tensor(3.0))
+    target = torch.zeros(2, 16)
+    target[0, 0] = target[1, 7] = 1
+    p = torch.full((2, 16), 0.5)
+    ce = F.binary_cross_entropy(p, target, reduction="none")
+    weight = torch.where(target == 1, 0.25, 0.75) * 0.5**2  # alpha_t * (1 - p_t)^gamma at p = 0.5
+    assert torch.allclose(loss, (weight * ce).sum() / 3)
+    loss.backward()
+    grad = logits.grad
+    assert grad[0, 0] < 0 and grad[1, 7] < 0 and (grad[0, 1:] > 0).all() and (grad[1, :7] > 0).all()
+
+
+def test_selected_decoder_trains_its_patch_scores_in_every_decoder_mode():
+    """With select_logits in the outputs, every decoder mode adds loss_sel (weight train.weights['loss_sel']): from
+    the description boxes' centres, or in no_box (no box trained) from the patches of the matched queries."""
+    outputs, targets = make_batch([2, 3], q=4, seed=5)
+    outputs["select_logits"] = torch.zeros(2, 16)
+    outputs["select_index"] = torch.tensor([[0, 5, 10, 15], [1, 2, 3, 4]])
+    for mode in ("grain", "no_rd", "no_box"):
+        leaves = as_leaves({k: v for k, v in outputs.items() if k != "select_index"})
+        leaves["select_index"] = outputs["select_index"]
+        crit = GrainCriterion(mode, {**WEIGHTS, "loss_sel": 0.3})
+        total, logs = crit(leaves, targets)
+        expected = sum(crit.weights[k] * logs[k] for k in TRAIN_MODES[mode].losses) + 0.3 * logs["loss_sel"]
+        assert torch.allclose(total, expected) and logs["loss_sel"] > 0
+        total.backward()
+        positive = leaves["select_logits"].grad < 0
+        if mode == "no_box":
+            b, q, _ = crit.match(outputs, targets)
+            want = torch.zeros(2, 16, dtype=torch.bool)
+            want[b, outputs["select_index"][b, q]] = True
+        else:
+            want = torch.zeros(2, 16, dtype=torch.bool)
+            want[targets["desc_image"], centre_patches(targets["desc_boxes"], 4)] = True
+        assert torch.equal(positive, want), mode
+
+
+def test_one_to_many_matching_matches_each_description_up_to_r_times():
+    outputs, targets = make_batch([2, 3, 0], q=5, seed=8)
+    one = GrainCriterion("grain", WEIGHTS)
+    many = GrainCriterion("grain", WEIGHTS, match_repeats=2)
+    _, _, d1 = one.match(outputs, targets)
+    b2, q2, d2 = many.match(outputs, targets)
+    assert sorted(d1.tolist()) == [0, 1, 2, 3, 4]
+    # image 0: 2 descriptions x 2 <= 5 queries, each twice; image 1: 6 > 5 targets, 5 pairs, every description at least once
+    assert sorted(d2[b2 == 0].tolist()) == [0, 0, 1, 1] and len(d2[b2 == 1]) == 5 and set(d2[b2 == 1].tolist()) == {2, 3, 4}
+    assert len(set(zip(b2.tolist(), q2.tolist()))) == len(b2)  # a query still has one description
+    assert many.num_pairs([2, 3, 0], 5) == len(b2) == 9
+    total, logs = many(as_leaves(outputs), targets)
+    assert torch.isfinite(total)
+    with pytest.raises(ValueError, match="match_repeats"):
+        GrainCriterion("grain", WEIGHTS, match_repeats=0)
 
 
 # ------------------------------------------------------------------------------------------------ distributed

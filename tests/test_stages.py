@@ -74,6 +74,22 @@ def test_a_changed_setting_moves_only_the_stages_it_reaches(ran):
         assert stages.plan(same, name).out == planned[name].out, name
 
 
+def test_the_train_folder_follows_the_architecture_the_name_resolves_to(tmp_path):
+    """An arch is named in the config but defined by its JSON: another decoder in the same file is another run."""
+    from grain.train.arch import load_arch
+
+    arch = tmp_path / "my-arch.json"
+    arch.write_text(json.dumps(load_arch("grain-tiny")))
+    cfg = load_config(None, [f"workdir={tmp_path}", f"train.arch={arch}"])
+    before = stages.plan(cfg, "train").out
+    assert stages.plan(cfg, "train").out == before  # stable
+    changed = load_arch("grain-tiny", {"decoder": {"num_region_queries": 8}})
+    arch.write_text(json.dumps(changed))
+    assert stages.plan(cfg, "train").out != before
+    arch.write_text(json.dumps(load_arch("grain-tiny")))
+    assert stages.plan(cfg, "train").out == before
+
+
 @pytest.mark.parametrize("mode", list(TRAIN_MODES))
 @pytest.mark.parametrize("rewrite_prob", [0.0, 0.5])
 def test_which_folders_each_train_mode_reads(mode, rewrite_prob, tmp_path):

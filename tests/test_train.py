@@ -333,16 +333,18 @@ def test_ray_train_launcher(world, tmp_path):
     assert load_model(out / "model").mode == "grain"
 
 
-def test_grounding_learns_not_just_l_ic(world, tmp_path):
-    """With the small-scale decoder (one query per patch, sine key positions), boxes come to depend on the image
-    and region embeddings come to pick their description: held-out probes rise clearly above their start."""
+@pytest.mark.parametrize("decoder", ["selected", "patches"])
+def test_grounding_learns_not_just_l_ic(world, tmp_path, decoder):
+    """With the decoders that learn at small scale — 16 queries selected from the patch tokens (grain-tiny's
+    default) and one query per patch — boxes come to depend on the image and region embeddings come to pick their
+    description: held-out probes rise clearly above their start."""
     from grain.train.probe import grounding_probe
 
     held = tmp_path / "held"
     ingest(IngestConfig(num_shards=2, synthetic=SyntheticConfig(split="distractor", num_images=64)), held / "s")
     describe(DescribeConfig(engine="reference"), held / "s", held / "d")
     ground(GroundConfig(engine="reference"), held / "s", held / "d", held / "r")
-    overrides = {"decoder": {"query_type": "patches", "memory_pos": "sine"}}
+    overrides = {"decoder": {"query_type": decoder, "memory_pos": "sine"}}
     cfg = _cfg(steps=200, batch_size=32, warmup_steps=20, log_every=10, checkpoint_every=200, arch_overrides=overrides)
     torch.manual_seed(cfg.seed)
     start = grounding_probe(build_model(cfg.arch, cfg.mode, **overrides), held / "s", held / "d", held / "r", batches=2)
@@ -353,7 +355,7 @@ def test_grounding_learns_not_just_l_ic(world, tmp_path):
           "\ntrain rd_acc", [round(r["rd_acc"], 3) for r in m], file=sys.stderr)
     # boxes: better than at the start AND better than boxes predicted for another image (image-dependent)
     assert end["best_query_giou"] > start["best_query_giou"] + 0.1, (start, end)
-    assert end["best_query_giou"] > end["static_giou"] + 0.1, end
+    assert end["best_query_giou"] > end["static_giou"] + (0.2 if decoder == "selected" else 0.1), end
     assert m[-1]["matched_giou"] > m[0]["matched_giou"] + 0.1
     # region embeddings: the description's closest query points back at it far more often than at the start
     assert end["text_rd_acc"] > start["text_rd_acc"] + 0.1, (start, end)

@@ -31,12 +31,14 @@ def test_bundled_archs():
     assert load_arch("grain-tiny", {"decoder": {"layers": 1}})["decoder"]["layers"] == 1
 
 
-def test_paper_model_has_the_paper_size():
+@pytest.mark.parametrize("arch, queries", [("grain-vit-b16-paper", 5), ("grain-vit-b16", 16)])
+def test_paper_model_has_the_paper_size(arch, queries):
     torch.manual_seed(0)
-    model = build_model("grain-vit-b16")
+    model = build_model(arch)
     n = sum(p.numel() for p in model.parameters())
     assert 170e6 < n < 182e6, n  # METHOD.md: about 176M trainable parameters
-    assert model.num_region_queries == 5 and len(model.decoder.layers) == 6
+    assert model.num_region_queries == queries and len(model.decoder.layers) == 6
+    assert model.decoder.query_type == ("learned" if arch.endswith("-paper") else "selected")
     attn = model.clip.visual.transformer.resblocks[0].attn
     assert isinstance(attn.ln_q, torch.nn.LayerNorm) and isinstance(attn.ln_k, torch.nn.LayerNorm), "ViT must use QK-norm"
 
@@ -75,11 +77,48 @@ def test_global_embedding_comes_from_the_image_query_not_cls():
 
 def test_anchored_queries_start_on_a_grid():
     torch.manual_seed(0)
-    model = build_model("grain-tiny", decoder={"query_type": "anchored"})
+    model = build_model("grain-tiny", decoder={"query_type": "anchored", "num_region_queries": 5})
     refs = model.decoder.ref_logits.sigmoid()
     assert refs.shape == (5, 2) and len({tuple(r) for r in refs.tolist()}) == 5
     out = model.encode_image(torch.randn(2, 3, 64, 64))
     assert out["boxes"].shape == (2, 5, 4)
+
+
+def test_selected_queries_start_from_the_best_scoring_patches():
+    """query_type selected: the top-k patch scores pick the patches; each region query starts from its patch's
+    token with that patch's position, and predicts its box around the patch centre."""
+    torch.manual_seed(0)
+    model = build_model("grain-tiny", decoder={"dropout": 0.0}).eval()
+    dec = model.decoder
+    assert dec.query_type == "selected" and model.num_region_queries == 16
+    seen = {}
+    dec.layers[0].register_forward_pre_hook(lambda mod, args: seen.update(tgt=args[0], pos=args[2]))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        memory = model.memory_norm(model.clip.visual(x))
+        out = model.encode_image(x)
+    logits, index = out["select_logits"], out["select_index"]
+    assert logits.shape == (3, 64) and index.shape == (3, 16)
+    assert torch.equal(index, logits.topk(16, dim=1).indices)
+    for i in range(3):
+        assert torch.allclose(seen["tgt"][i, :16], memory[i, 1:][index[i]])  # region queries: the chosen tokens
+        assert torch.count_nonzero(seen["tgt"][i, 16]) == 0  # the image query starts at zero
+        all_pos = dec.query_positions(1)[0]  # [P+1, D]: one position per patch + the image query's
+        assert torch.allclose(seen["pos"][i, :16], all_pos[index[i]]) and torch.allclose(seen["pos"][i, 16], all_pos[-1])
+    # another image chooses other patches: the choice depends on the image
+    assert not all(torch.equal(index[0].sort().values, index[i].sort().values) for i in (1, 2))
+    # with a zero box head the predicted centre is exactly the chosen patch's centre
+    with torch.no_grad():
+        for p in model.box_head.parameters():
+            p.zero_()
+        boxes = model.encode_image(x)["boxes"]
+    col, row = index % 8, index // 8
+    assert torch.allclose(boxes[..., 0], (col + 0.5) / 8, atol=1e-6) and torch.allclose(boxes[..., 1], (row + 0.5) / 8, atol=1e-6)
+
+
+def test_selected_decoder_checks_its_query_count():
+    with pytest.raises(ValueError, match="num_region_queries <= 64"):
+        build_model("grain-tiny", decoder={"num_region_queries": 65})
 
 
 def test_weight_decay_groups():

@@ -123,7 +123,10 @@ def _targets(batch: Batch, sizes: dict[str, list[int]] | None) -> dict[str, Any]
 
 
 def _float(out: dict[str, Any]) -> dict[str, Any]:
-    return {k: ([t.float() for t in v] if isinstance(v, list) else v.float()) for k, v in out.items()}
+    def f(t: Tensor) -> Tensor:
+        return t.float() if t.is_floating_point() else t  # indices (select_index) stay integers
+
+    return {k: ([f(t) for t in v] if isinstance(v, list) else f(v)) for k, v in out.items()}
 
 
 def _rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -153,15 +156,15 @@ def prepared(batch: Batch, accum: int, model: torch.nn.Module, device: torch.dev
     return batch.to(device, non_blocking=True)
 
 
-def batch_sizes(batch: Batch, model: torch.nn.Module) -> dict[str, list[int]]:
+def batch_sizes(batch: Batch, model: torch.nn.Module, match_repeats: int = 1) -> dict[str, list[int]]:
     """Every rank's row counts for this step's gathers: images, descriptions and matched (query, description)
     pairs (host-side; one small exchange over the host group under DDP)."""
     q = base_model(model).num_region_queries
-    pairs = sum(min(q, n) for n in batch.desc_counts or [])
+    pairs = sum(min(q, match_repeats * n) for n in batch.desc_counts or [])
     return dist.all_gather_ints({"images": batch.images.shape[0], "descs": batch.desc_tokens.shape[0], "pairs": pairs})
 
 
-_PER_IMAGE = ("image_embed", "text_embed", "region_embed", "boxes")
+_PER_IMAGE = ("image_embed", "text_embed", "region_embed", "boxes", "select_logits", "select_index")
 
 
 def _forward(model: torch.nn.Module, batch: Batch, k: int) -> dict[str, Any]:
@@ -275,7 +278,7 @@ def train(
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
     criterion = GrainCriterion(cfg.mode, cfg.weights, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
-                               mask_duplicates=cfg.mask_duplicate_descriptions)
+                               mask_duplicates=cfg.mask_duplicate_descriptions, match_repeats=cfg.match_repeats)
     loader = TrainLoader(
         samples_dir, inputs["descriptions"], inputs["regions"],
         batch_size=cfg.batch_size, image_size=model.image_size, context_length=model.context_length,
@@ -402,7 +405,7 @@ def train_step(net: torch.nn.Module, criterion: GrainCriterion, optimizer: torch
     model = base_model(net)
     _mark_dynamic(batch)
     optimizer.zero_grad(set_to_none=True)
-    loss, logs = forward_backward(net, criterion, batch, cfg.grad_accum, autocast, device, batch_sizes(batch, model))
+    loss, logs = forward_backward(net, criterion, batch, cfg.grad_accum, autocast, device, batch_sizes(batch, model, cfg.match_repeats))
     grad_norm = _grad_norm([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     # The guard without a host sync: the fused AdamW leaves weights, moments and its step count untouched when
     # found_inf is 1, so a non-finite step is skipped on the device (and counted there by the caller).

@@ -23,6 +23,11 @@ Losses per mode (``TrainMode.losses`` in grain.config.TRAIN_MODES):
 * ``loss_bbox`` / ``loss_giou``: after Hungarian matching of each image's Q predicted boxes to its description
   boxes (cost ``5 L1 - 2 GIoU``), the summed L1 (over the 4 coordinates) and ``1 - GIoU`` of the matched pairs,
   divided by ``num_boxes`` = global number of description boxes / world size, clamped to >= 1 (DETR).
+* ``loss_sel`` (decoders with ``query_type: selected``, in every decoder mode): trains the head that scores the
+  patch tokens the region queries are chosen from. Sigmoid focal loss (α 0.25, γ 2, as two-stage DETRs train their
+  proposal scores) over all ``P`` patches of every image, summed and divided by ``num_boxes``; the positives are
+  the patches that hold a description box's centre (``no_box``, which trains no box: the patches of the queries
+  matched to a description). Its weight is ``weights["loss_sel"]`` (default 1).
 * ``loss_rd``: for every matched (region query, description) pair, cross-entropy of
   ``logit_scale * region · desc_all^T`` over *all* descriptions of the global batch, the matched description
   being the positive; mean over all matched pairs of the global batch. In ``no_box`` the matching cost is
@@ -43,6 +48,7 @@ collectives even when its own batch has no description.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from grain.config import TRAIN_MODES
 
@@ -173,6 +179,22 @@ def region_description_loss(
     return scale_local_grad(loss), acc, k
 
 
+def centre_patches(boxes: Tensor, grid: int) -> Tensor:
+    """``[M,4]`` (cx, cy, w, h) in [0, 1] → ``[M]`` long index of the patch (row-major on a ``grid × grid`` grid,
+    as the ViT orders its tokens) that holds each box's centre."""
+    col = (boxes[:, 0] * grid).floor().clamp(0, grid - 1).long()
+    row = (boxes[:, 1] * grid).floor().clamp(0, grid - 1).long()
+    return row * grid + col
+
+
+def selection_loss(logits: Tensor, positives: tuple[Tensor, Tensor], num_boxes: Tensor) -> Tensor:
+    """Sigmoid focal loss of the patch scores ``logits [B,P]`` against the target that is 1 at the
+    ``(image, patch)`` pairs ``positives`` and 0 elsewhere, summed and divided by ``num_boxes``."""
+    target = torch.zeros_like(logits)
+    target[positives] = 1.0
+    return sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="sum") / num_boxes
+
+
 def text_keys(tokens: Tensor) -> Tensor:
     """``[M,T]`` token ids → ``[M]`` long keys, equal exactly for equal token rows (polynomial hash mod 2^31−1;
     a collision merely masks one extra negative)."""
@@ -191,10 +213,12 @@ class GrainCriterion(nn.Module):
         cost_bbox, cost_giou: the Hungarian matching cost ``cost_bbox * L1 - cost_giou * GIoU``.
         mask_duplicates: in ``loss_rd``, mask out descriptions whose text equals the positive's (needs
             ``targets["desc_key"]``, see :func:`text_keys`); off = the authors' loss.
+        match_repeats: one-to-many matching (H-DETR's one-to-many assignment, on the same queries): each
+            description is matched to up to this many region queries (its column repeated in the cost); 1 = DETR.
     """
 
     def __init__(self, mode: str, weights: Mapping[str, float], cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 mask_duplicates: bool = False):
+                 mask_duplicates: bool = False, match_repeats: int = 1):
         super().__init__()
         if mode not in TRAIN_MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(TRAIN_MODES)}")
@@ -204,8 +228,12 @@ class GrainCriterion(nn.Module):
         self.mode = mode
         self.loss_names = TRAIN_MODES[mode].losses
         self.weights = {k: float(weights[k]) for k in self.loss_names}
+        self.weights["loss_sel"] = float(weights.get("loss_sel", 1.0))  # used only by query_type "selected"
         self.matcher = HungarianMatcher(cost_bbox, cost_giou)
         self.mask_duplicates = mask_duplicates
+        if match_repeats < 1:
+            raise ValueError(f"match_repeats must be >= 1, got {match_repeats}")
+        self.match_repeats = int(match_repeats)
 
     # -- matching -----------------------------------------------------------------------------------------------
 
@@ -250,13 +278,14 @@ class GrainCriterion(nn.Module):
         else:
             tgt = targets["desc_boxes"].to(device)
             cost = self.matcher.cost(ref.detach().flatten(0, 1), tgt).view(b, q, m).cpu().numpy()
+        if self.match_repeats > 1:  # one-to-many: every description is a target up to match_repeats times
+            per_image = [np.tile(idx, self.match_repeats) for idx in per_image]
         pairs = assign_blocks(cost, per_image)
         return tuple(torch.from_numpy(x).to(device, non_blocking=True) for x in pairs)  # type: ignore[return-value]
 
-    @staticmethod
-    def num_pairs(desc_counts: list[int], num_queries: int) -> int:
-        """Matched pairs of a batch: ``sum_i min(Q, n_i)`` (one-to-one matching)."""
-        return sum(min(num_queries, n) for n in desc_counts)
+    def num_pairs(self, desc_counts: list[int], num_queries: int) -> int:
+        """Matched pairs of a batch: ``sum_i min(Q, r · n_i)`` (r = match_repeats; 1: one-to-one matching)."""
+        return sum(min(num_queries, self.match_repeats * n) for n in desc_counts)
 
     # -- losses -------------------------------------------------------------------------------------------------
 
@@ -290,17 +319,22 @@ class GrainCriterion(nn.Module):
         tgt = desc_boxes.to(src)[desc_idx]  # [K,4]
         l1 = (src - tgt).abs().sum()
         giou = paired_giou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))  # [K]
-        world = get_world_size()
-        if desc_sizes is not None:
-            n_global = torch.tensor(float(sum(desc_sizes)), device=src.device)
-        else:
-            n_global = all_reduce_sum(torch.tensor(float(desc_boxes.shape[0]), device=src.device))
-        num_boxes = (n_global / world).clamp(min=1.0)
+        n_global, num_boxes = self.num_boxes(desc_boxes.shape[0], src.device, desc_sizes)
         loss_bbox = l1 / num_boxes
         loss_giou = (1.0 - giou).sum() / num_boxes
         giou_sum, pairs = all_reduce_sum(torch.stack([giou.detach().sum(), giou.new_tensor(float(giou.numel()))]))
         stats = {"num_boxes": n_global, "matched_giou": giou_sum / pairs.clamp(min=1.0)}
         return loss_bbox, loss_giou, stats
+
+    @staticmethod
+    def num_boxes(local: int, device: torch.device, desc_sizes: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """``(global number of description boxes, that / world size clamped to >= 1)`` — DETR's normaliser
+        (collective unless ``desc_sizes``, every rank's count, is given)."""
+        if desc_sizes is not None:
+            n_global = torch.tensor(float(sum(desc_sizes)), device=device)
+        else:
+            n_global = all_reduce_sum(torch.tensor(float(local), device=device))
+        return n_global, (n_global / get_world_size()).clamp(min=1.0)
 
     @property
     def matching(self) -> bool:
@@ -353,6 +387,16 @@ class GrainCriterion(nn.Module):
                 sizes.get("descs"), query_sizes,
             )
 
+        if "select_logits" in outputs:
+            logits = outputs["select_logits"]
+            if self.mode == "no_box":  # no box is trained: the patches of the matched queries are the positives
+                positives = (batch_idx, outputs["select_index"][batch_idx, query_idx])
+            else:
+                grid = math.isqrt(logits.shape[1])
+                desc_image = targets["desc_image"].to(device=logits.device, dtype=torch.long)
+                positives = (desc_image, centre_patches(targets["desc_boxes"].to(logits.device), grid))
+            _, num_boxes = self.num_boxes(targets["desc_boxes"].shape[0], logits.device, sizes.get("descs"))
+            losses["loss_sel"] = selection_loss(logits.float(), positives, num_boxes)
         total = weighted_total(losses, self.weights)
         logs = dict(losses)
         logs.update({k: v.detach() for k, v in stats.items()})

@@ -5,9 +5,12 @@ resolved by :func:`build_model`. Each JSON holds ``embed_dim``, open_clip's ``vi
 ``decoder`` section::
 
     decoder: num_region_queries (5), layers (6), heads (8), ffn_dim (2048), dropout (0.1),
-             query_type: "learned" (the paper: free learnable query embeddings)
+             query_type: "selected" (a learned head scores the patch tokens; the top num_region_queries start the
+                         region queries, each at its patch as reference point — the default, docs/train.md)
+                       | "learned" (the paper: free learnable query embeddings; the ``*-paper`` archs)
+                       | "patches" (one region query per patch; learns, but costs ~3x a CLIP step)
                        | "anchored" (each region query owns a learnable reference point; boxes are predicted
-                         relative to it — the small-scale setting that learns boxes on CPU, docs/train.md)
+                         relative to it)
 
 Modes (``TrainConfig.mode``) decide the image side:
 
@@ -25,7 +28,6 @@ import copy
 import json
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,63 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grain.config import TRAIN_MODES
+from grain.train.arch import QUERY_TYPES, _check_arch, _merge, list_archs, load_arch  # noqa: F401 (re-exported)
 from grain.stages import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, model_content_hash
 
-QUERY_TYPES = ("learned", "anchored", "patches")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EXPORT_FORMAT = 1
-
-
-# ------------------------------------------------------------------------------------------------ registry
-
-
-def list_archs() -> list[str]:
-    """Names of the bundled architectures."""
-    return sorted(p.name[: -len(".json")] for p in resources.files("grain.train").joinpath("archs").iterdir() if p.name.endswith(".json"))
-
-
-def load_arch(name_or_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The arch dict for a bundled name or a JSON path, with nested ``overrides`` merged in.
-
-    Raises ValueError naming the unknown arch (and the known ones) or the unknown override key.
-    """
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        arch = json.loads(path.read_text())
-    else:
-        res = resources.files("grain.train").joinpath("archs", f"{name_or_path}.json")
-        if not res.is_file():
-            raise ValueError(f"unknown architecture {name_or_path!r}; bundled: {', '.join(list_archs())} (or a path to a .json)")
-        arch = json.loads(res.read_text())
-    arch = _merge(arch, overrides or {}, where="arch")
-    _check_arch(arch, name_or_path)
-    return arch
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if key not in out and key != "description":
-            raise ValueError(f"arch override {where}.{key}: unknown key; allowed: {', '.join(sorted(out))}")
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{where}.{key}")
-        else:
-            out[key] = value
-    return out
-
-
-def _check_arch(arch: dict[str, Any], name: str) -> None:
-    for key in ("embed_dim", "vision_cfg", "text_cfg", "decoder"):
-        if key not in arch:
-            raise ValueError(f"architecture {name!r} lacks {key!r}")
-    dec = arch["decoder"]
-    if dec.get("query_type", "learned") not in QUERY_TYPES:
-        raise ValueError(f"architecture {name!r}: decoder.query_type must be one of {QUERY_TYPES}, got {dec['query_type']!r}")
-    if dec.get("memory_pos", "none") not in ("none", "sine"):
-        raise ValueError(f"architecture {name!r}: decoder.memory_pos must be 'none' or 'sine', got {dec['memory_pos']!r}")
-    if arch["embed_dim"] % dec["heads"]:
-        raise ValueError(f"architecture {name!r}: embed_dim {arch['embed_dim']} is not divisible by decoder.heads {dec['heads']}")
 
 
 def build_model(name_or_arch: str | dict[str, Any] = "grain-tiny", mode: str = "grain", **overrides: Any) -> GrainModel:
@@ -195,23 +146,39 @@ class DecoderLayer(nn.Module):
 
 
 class QueryDecoder(nn.Module):
-    """Q region queries + 1 image query over the image tokens; returns every layer's normed output.
+    """Q region queries + 1 image query over the image tokens.
 
-    ``query_type="anchored"``: each region query has a learnable reference point (cx, cy), initialised on a grid
-    over the image; its sine embedding (through a small MLP) is added to the query embedding, and the box head
-    predicts offsets from it in logit space (as in Deformable/DAB-DETR). ``"patches"``: one region query per image
-    patch, starting from that patch's token (instead of zeros) at a fixed reference point = the patch centre (as in
-    two-stage DETR variants that take their queries from the image tokens); ``num_region_queries`` is then the number
-    of patches. ``"learned"`` is the paper's setting.
+    ``forward(memory)`` returns a dict: ``layers`` (every layer's output [B, Q+1, D] after the shared final norm),
+    ``ref`` (reference points in logit space the box head predicts centres around: [Q,2], [B,Q,2] or None), and
+    for ``"selected"`` the patch scores ``select_logits`` [B,P] and the chosen patches ``select_index`` [B,Q].
+
+    Query types:
+
+    * ``"learned"`` (the paper): free learned query embeddings, targets start at zero, boxes predicted absolutely.
+    * ``"anchored"``: each region query owns a learnable reference point (cx, cy), initialised on a grid; its sine
+      embedding (through a small MLP) is added to the query embedding, and the box head predicts offsets from it in
+      logit space (as in Deformable/DAB-DETR).
+    * ``"patches"``: one region query per image patch, starting from that patch's token (instead of zeros) at a
+      fixed reference point = the patch centre; ``num_region_queries`` is then the number of patches.
+    * ``"selected"``: a small head scores every patch token; the ``num_region_queries`` best-scoring patches each
+      start a region query from their token, with the patch centre as reference point and the patch's learned +
+      sine position as query position (the query selection of two-stage Deformable DETR and DINO, here on the ViT's
+      patch tokens). The choice (top-k) is not differentiable; the score head is trained by ``loss_sel``
+      (grain.train.losses: the patches holding a description box's centre are the positives).
     """
 
     def __init__(self, d: int, num_region_queries: int, layers: int, heads: int, ffn_dim: int, dropout: float,
                  query_type: str = "learned", memory_pos: str = "none", grid: int = 0) -> None:
         super().__init__()
+        patches = grid * grid
         if query_type == "patches":
-            num_region_queries = grid * grid
+            num_region_queries = patches
+        if query_type == "selected" and not 0 < num_region_queries <= patches:
+            raise ValueError(f"decoder: query_type 'selected' needs 1 <= num_region_queries <= {patches} patches, "
+                             f"got {num_region_queries}")
         self.num_region_queries = num_region_queries
         self.query_type = query_type
+        self.per_patch = query_type in ("patches", "selected")
         centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / max(grid, 1)
         yy, xx = torch.meshgrid(centres, centres, indexing="ij")
         patch_centres = torch.stack([xx.flatten(), yy.flatten()], dim=1)  # [P,2] (cx, cy), row-major like the tokens
@@ -220,37 +187,53 @@ class QueryDecoder(nn.Module):
             self.register_buffer("memory_pos", torch.cat([torch.zeros(1, d), pos]).unsqueeze(0), persistent=False)
         else:
             self.memory_pos = None
-        self.query_embed = nn.Embedding(num_region_queries + 1, d)  # last row = image query
+        # last row = image query; per-patch types keep one row per patch (selected: gathered by the chosen patches)
+        self.query_embed = nn.Embedding((patches if self.per_patch else num_region_queries) + 1, d)
         self.layers = nn.ModuleList(DecoderLayer(d, heads, ffn_dim, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(d)  # shared by every layer's output
         if query_type == "anchored":
             self.ref_logits = nn.Parameter(_grid_reference_logits(num_region_queries))
             self.ref_mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
-        elif query_type == "patches":
+        elif self.per_patch:
             self.register_buffer("ref_logits", torch.log(patch_centres / (1 - patch_centres)), persistent=False)
             self.ref_mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        if query_type == "selected":
+            self.select_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+            nn.init.constant_(self.select_head[-1].bias, -math.log((1 - 0.01) / 0.01))  # focal-loss prior: p = 0.01
 
     def query_positions(self, batch: int) -> Tensor:
-        """[B, Q+1, D] query positional embeddings."""
+        """[B, R+1, D] query positional embeddings (R = Q, or every patch for the per-patch types)."""
         pos = self.query_embed.weight
-        if self.query_type in ("anchored", "patches"):
+        if self.query_type == "anchored" or self.per_patch:
             d = pos.shape[-1]
-            ref = _sine_embed(self.ref_logits.sigmoid(), d)  # [Q, D]
+            ref = _sine_embed(self.ref_logits.sigmoid(), d)  # [R, D]
             pos = torch.cat([pos[:-1] + self.ref_mlp(ref), pos[-1:]], dim=0)
         return pos.unsqueeze(0).expand(batch, -1, -1)
 
-    def forward(self, memory: Tensor) -> list[Tensor]:
-        """memory [B,L,D] → list over layers of [B, Q+1, D] (after the shared final norm)."""
-        pos = self.query_positions(memory.shape[0])
-        tgt = torch.zeros_like(pos)
-        if self.query_type == "patches":  # region queries start from their patch's token
-            tgt = torch.cat([memory[:, 1:], tgt[:, -1:]], dim=1)
-        outs = []
+    def forward(self, memory: Tensor) -> dict[str, Any]:
+        """memory [B,1+P,D] → {layers, ref, (select_logits, select_index)} (see the class docstring)."""
+        b = memory.shape[0]
+        pos = self.query_positions(b)
+        out: dict[str, Any] = {"ref": self.ref_logits if (self.query_type == "anchored" or self.per_patch) else None}
+        if self.query_type == "selected":
+            tokens = memory[:, 1:]  # [B,P,D]
+            logits = self.select_head(tokens).squeeze(-1)  # [B,P]
+            index = logits.detach().topk(self.num_region_queries, dim=1).indices  # [B,Q]
+            gather = index.unsqueeze(-1)
+            tgt = torch.cat([tokens.gather(1, gather.expand(-1, -1, tokens.shape[-1])), torch.zeros_like(pos[:, -1:])], 1)
+            pos = torch.cat([pos[:, :-1].gather(1, gather.expand(-1, -1, pos.shape[-1])), pos[:, -1:]], dim=1)
+            out.update(ref=self.ref_logits[index], select_logits=logits, select_index=index)  # ref [B,Q,2]
+        elif self.query_type == "patches":  # region queries start from their patch's token
+            tgt = torch.cat([memory[:, 1:], torch.zeros_like(pos[:, -1:])], dim=1)
+        else:
+            tgt = torch.zeros_like(pos)
+        layers = []
         mem_pos = None if self.memory_pos is None else self.memory_pos.to(memory.dtype)
         for layer in self.layers:
             tgt = layer(tgt, memory, pos, mem_pos)
-            outs.append(self.norm(tgt))
-        return outs
+            layers.append(self.norm(tgt))
+        out["layers"] = layers
+        return out
 
 
 def _grid_reference_logits(n: int) -> Tensor:
@@ -300,6 +283,7 @@ class GrainModel(nn.Module):
     * ``region_embed`` [B,Q,D]: region query embeddings, L2-normalised (decoder modes);
     * ``boxes`` [B,Q,4]: (cx, cy, w, h) in [0, 1] of the model frame (decoder modes);
     * ``aux_boxes``: list of [B,Q,4] from the earlier decoder layers (decoder modes);
+    * ``select_logits`` [B,P], ``select_index`` [B,Q]: patch scores and chosen patches (query_type "selected");
     * ``logit_scale``: scalar, exp of the learnable log scale (shared by every contrastive loss).
     """
 
@@ -406,9 +390,9 @@ class GrainModel(nn.Module):
         if not self.uses_decoder:
             return {"image_embed": self.clip.encode_image(images, normalize=True)}
         memory = self.memory_norm(self.clip.visual(images))  # [B, 1+P, D]
-        layers = self.decoder(memory)
+        dec = self.decoder(memory)
+        layers, ref = dec["layers"], dec["ref"]
         q = self.decoder.num_region_queries
-        ref = self.decoder.ref_logits if self.decoder.query_type in ("anchored", "patches") else None
         last = layers[-1]
         out = {
             "image_embed": F.normalize(last[:, q] @ self.image_proj, dim=-1),
@@ -416,6 +400,9 @@ class GrainModel(nn.Module):
             "boxes": self.box_head(last[:, :q], ref),
             "aux_boxes": [self.box_head(h[:, :q], ref) for h in layers[:-1]],
         }
+        if "select_logits" in dec:
+            out["select_logits"] = dec["select_logits"]  # [B,P] patch scores (loss_sel)
+            out["select_index"] = dec["select_index"]  # [B,Q] the patch each region query started from
         return out
 
     def forward(self, images: Tensor, captions: Tensor | None = None, desc_tokens: Tensor | None = None, *,

@@ -1,0 +1,65 @@
+"""The architecture registry: bundled arch JSONs (``train/archs/*.json``) and overrides, without torch.
+
+Resolving an arch needs no heavy library, so the stage registry can put the resolved architecture into the train
+fingerprint (a changed bundled JSON gives new run folders) while planning stays light.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+QUERY_TYPES = ("learned", "anchored", "patches", "selected")
+
+
+def list_archs() -> list[str]:
+    """Names of the bundled architectures."""
+    return sorted(p.name[: -len(".json")] for p in resources.files("grain.train").joinpath("archs").iterdir() if p.name.endswith(".json"))
+
+
+def load_arch(name_or_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arch dict for a bundled name or a JSON path, with nested ``overrides`` merged in.
+
+    Raises ValueError naming the unknown arch (and the known ones) or the unknown override key.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        arch = json.loads(path.read_text())
+    else:
+        res = resources.files("grain.train").joinpath("archs", f"{name_or_path}.json")
+        if not res.is_file():
+            raise ValueError(f"unknown architecture {name_or_path!r}; bundled: {', '.join(list_archs())} (or a path to a .json)")
+        arch = json.loads(res.read_text())
+    arch = _merge(arch, overrides or {}, where="arch")
+    _check_arch(arch, name_or_path)
+    return arch
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in out and key != "description":
+            raise ValueError(f"arch override {where}.{key}: unknown key; allowed: {', '.join(sorted(out))}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def _check_arch(arch: dict[str, Any], name: str) -> None:
+    for key in ("embed_dim", "vision_cfg", "text_cfg", "decoder"):
+        if key not in arch:
+            raise ValueError(f"architecture {name!r} lacks {key!r}")
+    dec = arch["decoder"]
+    if dec.get("query_type", "learned") not in QUERY_TYPES:
+        raise ValueError(f"architecture {name!r}: decoder.query_type must be one of {QUERY_TYPES}, got {dec['query_type']!r}")
+    if dec.get("memory_pos", "none") not in ("none", "sine"):
+        raise ValueError(f"architecture {name!r}: decoder.memory_pos must be 'none' or 'sine', got {dec['memory_pos']!r}")
+    if arch["embed_dim"] % dec["heads"]:
+        raise ValueError(f"architecture {name!r}: embed_dim {arch['embed_dim']} is not divisible by decoder.heads {dec['heads']}")
+
+
