@@ -106,6 +106,8 @@ class ClassificationSet:
     fingerprint: str
     #: synthetic swap split: per image (true descriptions, foil descriptions), in key order (:func:`swap_pairs`)
     swap: list[tuple[list[str], list[str]]] | None = None
+    #: how a class's descriptors combine in scoring: "mean" (parts of one object) or "max" (alternatives)
+    descriptor_pool: str = "mean"
     #: files under the dataset's folders that are not samples (README.txt, Thumbs.db…), relative to its root
     ignored: list[str] | None = None
     #: where each key comes from, for messages (a list row, a tar member, a part file); None: the key says it

@@ -179,6 +179,19 @@ def _fill(template: str, classname: str) -> str:
     return template.replace("{c}", classname)
 
 
+def composed_sentence(descriptors: Sequence[str]) -> str:
+    """All of a class's descriptors in one sentence, without the class name — the ``composed`` mode's text:
+    ``["an orange head", "a blue tail."]`` → ``"an orange head and a blue tail."`` (``"a, b and c."`` for more).
+    A text tower that binds words to each other can tell classes apart through it whose descriptors differ only
+    in which attribute goes with which part. Blank descriptors are skipped; ValueError when none is left."""
+    parts = [d.strip().rstrip(".").strip() for d in descriptors]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise ValueError("composed_sentence needs at least one non-blank descriptor")
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return body + "."
+
+
 def descriptor_sentence(classname: str, descriptor: str, template: str = "a photo of a {c}.") -> str:
     """A DCLIP-style prompt: ``"<template with the class, no final period>, which <is|has|-> <descriptor>."``.
 

@@ -21,6 +21,7 @@ from grain.evaluate.zeroshot import (
     descriptor_embeddings,
     encode_images,
     names_embeddings,
+    pooled_logits,
     raw_descriptor_embeddings,
     score_regions,
     waffle_descriptors,
@@ -75,7 +76,11 @@ def load_dataset(ds: EvalDatasetConfig, base: SyntheticConfig, workdir: Path, pr
     """
     prefix = f"evaluate.datasets[{ds.name}]"
     try:
-        return _load_dataset(ds, base, workdir, progress)
+        sets, descriptors = _load_dataset(ds, base, workdir, progress)
+        for data in sets:
+            if hasattr(data, "classnames"):
+                data.descriptor_pool = ds.descriptor_pool
+        return sets, descriptors
     except (FileNotFoundError, ValueError) as exc:
         message = str(exc)
         if message.startswith(prefix):
@@ -211,7 +216,7 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
 
     Shared by the evaluate stage and the in-training probe (``train.eval_every``).
     """
-    from grain.evaluate.descriptors import align_descriptors
+    from grain.evaluate.descriptors import align_descriptors, composed_sentence, descriptor_sentence
     from grain.evaluate.metrics import classification_metrics, retrieval_metrics
 
     out: dict[Any, Any] = {"skipped": []}
@@ -225,7 +230,7 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
     names = names_embeddings(text, data.classnames, data.templates)
     if "names" in cfg.modes:
         out[("classification", "names")] = classification_metrics(image @ names.T, labels)
-    needs_desc = [m for m in cfg.modes if m in ("descriptions", "descriptors", "waffle", "regions")]
+    needs_desc = [m for m in cfg.modes if m in ("descriptions", "descriptors", "composed", "waffle", "regions")]
     if needs_desc and descriptor_json is None:
         out["skipped"].append(f"{', '.join(needs_desc)} skipped (no descriptor file; set evaluate.datasets[].descriptors)")
         return out
@@ -234,31 +239,44 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
     aligned = align_descriptors(data.classnames, descriptor_json, on_empty=cfg.empty_descriptors,
                                 on_extra=cfg.extra_descriptors, where=where)
     template = data.templates[0]
-    desc_classes = descriptor_embeddings(text, data.classnames, aligned, template, fallback=names)
-    raw_classes = None
+    pool = getattr(data, "descriptor_pool", "mean")
+    if pool == "mean":
+        desc_classes = descriptor_embeddings(text, data.classnames, aligned, template, fallback=names)
+        desc_logits = image @ desc_classes.T
+    else:  # the descriptors are alternatives: a class scores its best-matching one
+        desc_logits = pooled_logits(image, [text([descriptor_sentence(c, d, template) for d in a]) if a else names[i:i + 1]
+                                            for i, (c, a) in enumerate(zip(data.classnames, aligned))], pool)
+    raw_logits = None
     if "descriptors" in cfg.modes or cfg.regions_global == "descriptors":
         raw = [a if a else [fill_template(template, c)] for c, a in zip(data.classnames, aligned)]
-        raw_classes = raw_descriptor_embeddings(text, raw)
+        raw_logits = (image @ raw_descriptor_embeddings(text, raw).T if pool == "mean"
+                      else pooled_logits(image, [text(list(r)) for r in raw], pool))
     if "descriptions" in cfg.modes:
-        out[("classification", "descriptions")] = classification_metrics(image @ desc_classes.T, labels)
+        out[("classification", "descriptions")] = classification_metrics(desc_logits, labels)
     if "descriptors" in cfg.modes:
-        out[("classification", "descriptors")] = classification_metrics(image @ raw_classes.T, labels)
+        out[("classification", "descriptors")] = classification_metrics(raw_logits, labels)
+    if "composed" in cfg.modes:
+        composed = text([composed_sentence(a) if a else fill_template(template, c) for c, a in zip(data.classnames, aligned)])
+        out[("classification", "composed")] = classification_metrics(image @ composed.T, labels)
     if "waffle" in cfg.modes:
         lengths = [len(a) for a in aligned if a]
         count = cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1)))
         waffle = waffle_descriptors(data.classnames, count, cfg.waffle_seed)
-        waffle_classes = descriptor_embeddings(text, data.classnames, waffle, template)
-        out[("classification", "waffle")] = classification_metrics(image @ waffle_classes.T, labels)
+        if pool == "mean":
+            waffle_logits = image @ descriptor_embeddings(text, data.classnames, waffle, template).T
+        else:
+            waffle_logits = pooled_logits(image, [text([descriptor_sentence(c, d, template) for d in w])
+                                                  for c, w in zip(data.classnames, waffle)], pool)
+        out[("classification", "waffle")] = classification_metrics(waffle_logits, labels)
     has_regions = "region_embed" in emb
     if "regions" in cfg.modes:
         if not has_regions:
             out["skipped"].append(f"regions skipped (model mode {model.mode!r} has no region queries)")
         else:
             per_class = [text(a) if a else text([fill_template(template, c)]) for c, a in zip(data.classnames, aligned)]
-            glob_classes = {"descriptions": desc_classes, "descriptors": raw_classes, "names": names}[cfg.regions_global]
-            glob = image @ glob_classes.T
+            glob = {"descriptions": desc_logits, "descriptors": raw_logits, "names": image @ names.T}[cfg.regions_global]
             for scorer in cfg.region_scorers:
-                region = score_regions(scorer, emb["region_embed"], emb.get("boxes"), per_class, cfg.bind_window)
+                region = score_regions(scorer, emb["region_embed"], emb.get("boxes"), per_class, cfg.bind_window, pool)
                 for alpha in cfg.alphas:
                     out[("classification", f"regions-{scorer}@{alpha:g}")] = classification_metrics(
                         alpha * glob + (1 - alpha) * region, labels)
@@ -271,13 +289,20 @@ def swap_task(cfg: EvalConfig, text: TextEncoder, emb: dict[str, torch.Tensor],
               pairs: list[tuple[list[str], list[str]]]) -> dict[tuple[str, str], dict[str, float]]:
     """The swap test: for each image, is the target's true description list scored above the foil?
 
-    Scored with the global embedding against the raw descriptions (``descriptors``) and, for models with region
-    queries, with every region scorer. ``acc`` counts a tie as half (chance 50 %).
+    Scored with the global embedding against the raw descriptions (``descriptors``), against one sentence composing
+    them (``composed``, when that mode is on) and, for models with region queries, with every region scorer.
+    ``acc`` counts a tie as half (chance 50 %).
     """
     image = emb["image_embed"]
     truth = raw_descriptor_embeddings(text, [t for t, _ in pairs])
     foil = raw_descriptor_embeddings(text, [f for _, f in pairs])
     out = {("swap", "descriptors"): _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))}
+    if "composed" in cfg.modes:  # one sentence per description list: can the global embedding bind through text?
+        from grain.evaluate.descriptors import composed_sentence
+
+        truth = text([composed_sentence(t) for t, _ in pairs])
+        foil = text([composed_sentence(f) for _, f in pairs])
+        out[("swap", "composed")] = _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))
     if "region_embed" in emb and "regions" in cfg.modes:
         regions, boxes = emb["region_embed"], emb.get("boxes")
         for scorer in cfg.region_scorers:

@@ -249,23 +249,43 @@ def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor
     return out
 
 
+def pool_descriptors(scores: Tensor, owners: Tensor, sizes: Sequence[int], pool: str = "mean") -> Tensor:
+    """``scores [..., ΣN_c]`` (one per descriptor, classes in order) → ``[..., C]``: the mean over each class's
+    descriptors (they describe parts of one object), or their max (``pool="max"``: they are alternatives — e.g.
+    one sentence per photo of the category — and the best-matching one counts)."""
+    if pool == "mean":
+        mean_over = torch.zeros(scores.shape[-1], len(sizes), dtype=scores.dtype)
+        mean_over[torch.arange(scores.shape[-1]), owners] = 1.0 / torch.tensor(sizes, dtype=scores.dtype)[owners]
+        return scores @ mean_over
+    if pool == "max":
+        out = torch.full((*scores.shape[:-1], len(sizes)), float("-inf"), dtype=scores.dtype)
+        return out.scatter_reduce(-1, owners.expand(*scores.shape[:-1], -1), scores, reduce="amax")
+    raise ValueError(f"descriptor pool must be 'mean' or 'max', got {pool!r}")
+
+
+def pooled_logits(image: Tensor, class_descriptor_embeds: Sequence[Tensor], pool: str = "max") -> Tensor:
+    """[N,C] global scores of images ``[N,D]`` against each class's descriptor embeddings ``[n_c,D]`` (normalised):
+    :func:`pool_descriptors` of the per-descriptor cosines (``pool="mean"`` is the mean cosine, which ranks
+    classes like the cosine to the un-normalised mean embedding)."""
+    flat, owners, sizes = _owners(class_descriptor_embeds)
+    return pool_descriptors(image @ flat.T, owners, sizes, pool)
+
+
 def bound_region_scores(region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
-                        window: float = 1.0, budget: int = 2**25) -> Tensor:
+                        window: float = 1.0, budget: int = 2**25, pool: str = "mean") -> Tensor:
     """The ``bind`` scorer (``max`` when ``boxes`` is None), [N,C].
 
-    For class c and anchor query a: the mean over c's descriptors of the max cosine over the queries q whose
-    predicted box centre is within ``window`` × a's box width/height of a's centre (|cx_q − cx_a| ≤ window·w_a and
-    |cy_q − cy_a| ≤ window·h_a; a itself always counts); the class score is the max over anchors.
-    region_embed [N,Q,D] and the descriptor embeddings normalised; boxes [N,Q,4] (cx, cy, w, h).
+    For class c and anchor query a: the mean (``pool="max"``: the max) over c's descriptors of the max cosine over
+    the queries q whose predicted box centre is within ``window`` × a's box width/height of a's centre
+    (|cx_q − cx_a| ≤ window·w_a and |cy_q − cy_a| ≤ window·h_a; a itself always counts); the class score is the
+    max over anchors. region_embed [N,Q,D] and the descriptor embeddings normalised; boxes [N,Q,4] (cx, cy, w, h).
     """
     n, q = region_embed.shape[:2]
     flat, owners, sizes = _owners(class_descriptor_embeds)
     c = len(sizes)
-    mean_over = torch.zeros(flat.shape[0], c)
-    mean_over[torch.arange(flat.shape[0]), owners] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[owners]
     if boxes is None:
         sim = region_embed @ flat.T  # [N,Q,ΣN_c]
-        return sim.amax(dim=1) @ mean_over
+        return pool_descriptors(sim.amax(dim=1), owners, sizes, pool)
     out = torch.empty(n, c)
     chunk = max(1, budget // max(1, q * q * flat.shape[0]))
     for start in range(0, n, chunk):
@@ -275,18 +295,19 @@ def bound_region_scores(region_embed: Tensor, boxes: Tensor | None, class_descri
         near = ((centres[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, :, None, :]).all(dim=-1)  # [n,A,Q]
         near |= torch.eye(q, dtype=torch.bool)
         masked = sim[:, None, :, :].masked_fill(~near[..., None], float("-inf"))  # [n,A,Q,ΣN_c]
-        per_anchor = masked.amax(dim=2) @ mean_over  # [n,A,C]
+        per_anchor = pool_descriptors(masked.amax(dim=2), owners, sizes, pool)  # [n,A,C]
         out[start : start + chunk] = per_anchor.amax(dim=1)
     return out
 
 
 def score_regions(scorer: str, region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
-                  bind_window: float = 1.0) -> Tensor:
-    """[N,C] region scores of one of ``REGION_SCORERS``."""
+                  bind_window: float = 1.0, pool: str = "mean") -> Tensor:
+    """[N,C] region scores of one of ``REGION_SCORERS``; ``pool`` combines a class's descriptors in ``bind`` and
+    ``max`` (:func:`pool_descriptors`; ``paper`` takes the max over descriptors by definition)."""
     if scorer == "paper":
         return region_scores(region_embed, class_descriptor_embeds)
     if scorer == "max":
-        return bound_region_scores(region_embed, None, class_descriptor_embeds)
+        return bound_region_scores(region_embed, None, class_descriptor_embeds, pool=pool)
     if scorer == "bind":
-        return bound_region_scores(region_embed, boxes, class_descriptor_embeds, bind_window)
+        return bound_region_scores(region_embed, boxes, class_descriptor_embeds, bind_window, pool=pool)
     raise ValueError(f"unknown region scorer {scorer!r}; one of {', '.join(REGION_SCORERS)}")

@@ -3,12 +3,20 @@ embeddings where the right answer is known, against naive loops."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from grain.config import EvalConfig
 from grain.evaluate.run import _pair_accuracy, swap_task
-from grain.evaluate.zeroshot import bound_region_scores, raw_descriptor_embeddings, region_scores, score_regions
+from grain.evaluate.descriptors import composed_sentence
+from grain.evaluate.zeroshot import (
+    bound_region_scores,
+    pooled_logits,
+    raw_descriptor_embeddings,
+    region_scores,
+    score_regions,
+)
 
 
 def _naive_paper(regions, classes):
@@ -19,7 +27,7 @@ def _naive_paper(regions, classes):
     return out
 
 
-def _naive_bind(regions, boxes, classes, window):
+def _naive_bind(regions, boxes, classes, window, pool="mean"):
     n, q = regions.shape[:2]
     out = torch.zeros(n, len(classes))
     for i in range(n):
@@ -28,7 +36,8 @@ def _naive_bind(regions, boxes, classes, window):
             for a in range(q):
                 near = [j for j in range(q) if j == a or bool(((boxes[i, j, :2] - boxes[i, a, :2]).abs()
                                                                <= window * boxes[i, a, 2:]).all())]
-                score = sum(max(float(regions[i, j] @ e) for j in near) for e in d) / len(d)
+                per = [max(float(regions[i, j] @ e) for j in near) for e in d]
+                score = sum(per) / len(d) if pool == "mean" else max(per)
                 best = max(best, score)
             out[i, c] = best
     return out
@@ -52,6 +61,30 @@ def test_scorers_equal_naive_loops():
     full = _naive_bind(regions, boxes, descs, 1e6)
     assert torch.allclose(bound_region_scores(regions, boxes, descs, 1e6), full, atol=1e-6)
     assert torch.allclose(score_regions("max", regions, boxes, descs), full, atol=1e-6)
+
+
+def test_max_pool_scores_a_class_by_its_best_descriptor():
+    """descriptor_pool max (descriptors that are alternatives): every scorer and the global modes take the best
+    descriptor of a class instead of the mean."""
+    regions, boxes, descs = _random_case(seed=3)
+    for window in (0.3, 1.0):
+        got = bound_region_scores(regions, boxes, descs, window, budget=50, pool="max")
+        assert torch.allclose(got, _naive_bind(regions, boxes, descs, window, "max"), atol=1e-6)
+    assert torch.allclose(score_regions("max", regions, boxes, descs, pool="max"),
+                          _naive_bind(regions, boxes, descs, 1e6, "max"), atol=1e-6)
+    image = regions[:, 0]
+    want = torch.stack([torch.stack([(image[i] @ d.T).max() for d in descs]) for i in range(image.shape[0])])
+    assert torch.allclose(pooled_logits(image, descs, "max"), want, atol=1e-6)
+    mean = torch.stack([torch.stack([(image[i] @ d.T).mean() for d in descs]) for i in range(image.shape[0])])
+    assert torch.allclose(pooled_logits(image, descs, "mean"), mean, atol=1e-6)
+
+
+def test_composed_sentence_joins_descriptors_without_the_class_name():
+    assert composed_sentence(["an orange head", "a yellow striped body.", " a blue tail "]) == \
+        "an orange head, a yellow striped body and a blue tail."
+    assert composed_sentence(["a red head", ""]) == "a red head."
+    with pytest.raises(ValueError, match="non-blank"):
+        composed_sentence([" ", "."])
 
 
 def test_bind_needs_all_descriptions_on_one_object_and_max_does_not():
@@ -84,7 +117,7 @@ def test_descriptors_mode_is_the_normalised_mean_of_raw_descriptors():
 def test_swap_task_counts_wins_and_half_ties():
     assert _pair_accuracy(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])) == {"acc": 0.5, "n": 3}
     e = torch.eye(3)
-    words = {"t": e[0], "f": e[1], "x": e[2]}
+    words = {"t": e[0], "f": e[1], "x": e[2], "t.": e[0], "f.": e[1]}  # "t." / "f.": the composed sentences
 
     def text(texts):
         return torch.stack([words[t] for t in texts])
@@ -94,6 +127,6 @@ def test_swap_task_counts_wins_and_half_ties():
            "boxes": torch.full((2, 2, 4), 0.5)}
     pairs = [(["t"], ["f"]), (["t"], ["f"])]
     out = swap_task(EvalConfig(), text, emb, pairs)
-    assert out[("swap", "descriptors")]["acc"] == 0.5
+    assert out[("swap", "descriptors")]["acc"] == 0.5 and out[("swap", "composed")]["acc"] == 0.5
     for scorer in ("bind", "max"):
         assert out[("swap", f"regions-{scorer}@0")] == {"acc": 0.5, "n": 2}
