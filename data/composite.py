@@ -16,6 +16,8 @@ Layout of ``out`` (``world.json`` says what was built, from which package versio
     eval/seen.descriptors.json        {class: [its stamps' caption sentences]}
     eval/heldout/<class>/*.jpg    (b) held-out categories, never pasted in training
     eval/heldout.descriptors.json
+    eval/newstamps/<class>/*.jpg  (d) held-out *stamps* of seen categories: objects never pasted in training, of
+    eval/newstamps.descriptors.json   categories that were (descriptors: the category's training stamps' sentences)
     eval/retrieval/*.jpg + eval/retrieval.json   (c) training-like composites on unseen backgrounds (Karpathy JSON)
 
 Stamp filter (documented in docs/real-photos.md), in this order: under ``symbols/`` (letters, money, maths,
@@ -47,7 +49,7 @@ from PIL import Image
 from grain.data.synthetic import overlap_over_smaller
 
 #: Bump when the builder's output for the same config changes.
-BUILDER_VERSION = "composite/1"
+BUILDER_VERSION = "composite/2"  # 2: held-out stamps of seen categories (eval/newstamps)
 DEFAULT_STAMPS = "/usr/share/tuxpaint/stamps"
 DEFAULT_BACKGROUNDS = ("/usr/share/backgrounds/mate/nature",)
 PACKAGES = ("tuxpaint-stamps-default", "mate-backgrounds")
@@ -82,6 +84,9 @@ class CompositeConfig:
     #: held-out categories: an explicit list (category folders, e.g. "animals/birds") or a fraction drawn with split_seed
     heldout: tuple[str, ...] = ()
     heldout_fraction: float = 0.25
+    #: share of each seen category's stamps never pasted in training (eval/newstamps), drawn with split_seed; a
+    #: category keeps at least 2 training stamps (categories with fewer than 3 hold none out)
+    heldout_stamp_fraction: float = 0.2
     split_seed: int = 0
     #: fraction of background photos kept for evaluation only
     eval_background_fraction: float = 0.25
@@ -291,6 +296,24 @@ def split_categories(categories: list[Category], cfg: CompositeConfig) -> tuple[
 # ------------------------------------------------------------------------------------------------ rendering
 
 
+def split_stamps(seen: list[Category], cfg: CompositeConfig) -> tuple[list[Category], dict[str, list[Stamp]]]:
+    """(the seen categories with only their training stamps, {folder: held-out stamps}): ``heldout_stamp_fraction``
+    of each category's stamps (at least 1, leaving at least 2 for training; none from a category of fewer than 3),
+    drawn with ``split_seed``."""
+    if not 0 <= cfg.heldout_stamp_fraction < 1:
+        raise CompositeError(f"heldout_stamp_fraction must be in [0, 1), got {cfg.heldout_stamp_fraction}")
+    rng = np.random.default_rng([cfg.split_seed, 2025])
+    kept, out = [], {}
+    for c in seen:
+        n = len(c.stamps)
+        k = min(max(1, round(cfg.heldout_stamp_fraction * n)), n - 2) if cfg.heldout_stamp_fraction > 0 and n >= 3 else 0
+        pick = set(rng.choice(n, k, replace=False).tolist()) if k else set()
+        if pick:
+            out[c.folder] = [s for i, s in enumerate(c.stamps) if i in pick]
+        kept.append(Category(c.folder, c.name, c.noun, [s for i, s in enumerate(c.stamps) if i not in pick]))
+    return kept, out
+
+
 def _canvas(rng: np.random.Generator, cfg: CompositeConfig, backgrounds: list[tuple[str, Image.Image]]) -> tuple[Image.Image, str]:
     """A random crop of a random background photo, resized to the image size (long side ``cfg.size``)."""
     aspect = float(cfg.aspects[rng.integers(len(cfg.aspects))])
@@ -391,6 +414,7 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
         raise CompositeError(f"Debian packages {list(PACKAGES)} are not installed: {SETUP_HINT}")
     categories, reasons, rejected = scan_stamps(cfg)
     seen, held = split_categories(categories, cfg)
+    seen, new_stamps = split_stamps(seen, cfg)
     families = load_backgrounds(cfg)
     fam_names = sorted(families)
     rng_split = np.random.default_rng([cfg.split_seed, 2024])
@@ -405,7 +429,7 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
     (tmp / "train").mkdir(parents=True)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.num_train + cfg.eval_per_class * len(categories) + cfg.num_retrieval,
+    bar = tqdm(total=cfg.num_train + cfg.eval_per_class * (len(categories) + len(new_stamps)) + cfg.num_retrieval,
                desc="composite world", unit="img", disable=not progress)
     counts: dict[str, Any] = {}
 
@@ -445,8 +469,11 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
     counts["train_images"] = cfg.num_train
     counts["train_objects_per_category"] = dict(sorted(objects.items()))
 
-    # (a)/(b): one stamp per image on an evaluation background, ImageFolder + descriptors
-    for split_name, cats, seed_tag in (("seen", seen, 16), ("heldout", held, 17)):
+    # (a)/(b)/(d): one stamp per image on an evaluation background, ImageFolder + descriptors (for (d) those of the
+    # category's training stamps: the new object is described by what the category's known objects say)
+    fresh = [Category(c.folder, c.name, c.noun, new_stamps[c.folder]) for c in seen if c.folder in new_stamps]
+    known = {c.folder: c for c in seen}
+    for split_name, cats, seed_tag in (("seen", seen, 16), ("heldout", held, 17), ("newstamps", fresh, 19)):
         rng = np.random.default_rng([cfg.seed, seed_tag])
         root = tmp / "eval" / split_name
         for cat in cats:
@@ -459,7 +486,7 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
                         break
                 (root / cat.name / f"{j:04d}.jpg").write_bytes(_jpeg(canvas, cfg.jpeg_quality))
                 bar.update(1)
-        descriptors = {c.name: sorted({s.sentence for s in c.stamps}) for c in cats}
+        descriptors = {c.name: sorted({s.sentence for s in known.get(c.folder, c).stamps}) for c in cats}
         (tmp / "eval" / f"{split_name}.descriptors.json").write_text(json.dumps(descriptors, indent=1))
         counts[f"eval_{split_name}"] = {"classes": len(cats), "images": len(cats) * cfg.eval_per_class}
 
@@ -485,6 +512,7 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
         "signature": signature,
         "seen": {c.folder: c.name for c in seen},
         "heldout": {c.folder: c.name for c in held},
+        "heldout_stamps": {folder: [s.path for s in stamps] for folder, stamps in sorted(new_stamps.items())},
         "stamps": {"usable": sum(len(c.stamps) for c in categories), "rejected": dict(sorted(reasons.items())),
                    "rejected_files": rejected},
         "backgrounds": {"train": sorted({_family(Path(p)) for p, _ in train_bgs}), "eval": eval_fams},

@@ -269,18 +269,22 @@ def bench_science(
     models: Annotated[Optional[str], typer.Option(help="Only these models (comma-separated names of the file's models; "
                                                   "must include the two headline models).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Only these seeds (comma-separated), e.g. for a one-seed diagnosis.")] = None,
+    worlds: Annotated[Optional[str], typer.Option(help="Synthetic worlds to run on: a list named in the file's `worlds` "
+                                                  "(test, dev) or comma-separated world seeds. Default: test. Tune "
+                                                  "on dev; report test.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """GRAIN vs its baselines on the synthetic binding world: the same data, towers, steps and batch for every
-    model; every model scored in every mode it has (names, descriptions, class-name-free descriptors, waffle,
-    region scorers over an α sweep, the swap test, held-out caption retrieval); mean ± std over seeds; plots;
-    a Markdown report (docs/results.md). Finished runs are reused by fingerprint, so an interrupted benchmark
-    resumes where it stopped."""
+    model; every model scored in every mode it has (names, descriptions, class-name-free descriptors and their
+    composed sentence, waffle, region scorers over an α sweep, the swap test, held-out caption retrieval); runs
+    are (world, seed) pairs, reported as the mean over worlds with world and seed spread apart; plots; a Markdown
+    report (docs/results.md). Finished runs are reused by fingerprint, so an interrupted benchmark resumes where
+    it stopped."""
     from grain.evaluate.science import load_bench, run_bench
     from grain.stages import workdir_path
 
     try:
-        spec = load_bench(bench, quick, set_ or [])
+        spec = load_bench(bench, quick, set_ or [], worlds)
         spec.select(models.split(",") if models else None, [int(x) for x in seeds.split(",")] if seeds else None)
     except (ConfigError, ValueError) as exc:
         _fail(exc)

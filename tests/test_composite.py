@@ -145,6 +145,16 @@ def test_split_backgrounds_and_eval_sets(world):
         assert set(descriptors) == set(data.classnames) and all(descriptors.values())
     retrieval = D.load_karpathy(out / "eval" / "retrieval.json", out / "eval" / "retrieval")
     assert len(retrieval.keys) == SMALL["num_retrieval"]
+    # (d) held-out stamps of seen categories: never pasted in training, described by the training stamps' sentences
+    fresh = manifest["heldout_stamps"]
+    assert fresh and set(fresh) <= set(manifest["seen"])
+    pasted = {s["stamp"] for m in metas.values() for s in m["stamps"]}
+    assert pasted and not pasted & {p for paths in fresh.values() for p in paths}
+    newstamps = D.load_image_folder(out / "eval" / "newstamps")
+    assert sorted(newstamps.classnames) == sorted(manifest["seen"][f] for f in fresh)
+    seen_desc = json.loads((out / "eval" / "seen.descriptors.json").read_text())
+    new_desc = json.loads((out / "eval" / "newstamps.descriptors.json").read_text())
+    assert all(new_desc[name] == seen_desc[name] for name in new_desc)
 
 
 def test_build_is_deterministic_reused_and_the_split_is_the_users(world, tmp_path):

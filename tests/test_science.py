@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from grain.evaluate.science import headline_rows, load_bench, mean_std
+from grain.config import ConfigError
+from grain.evaluate.science import headline_rows, load_bench, mean_std, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,7 +24,7 @@ BENCH = ROOT / "configs" / "bench" / "science.yaml"
 def test_quick_benchmark_end_to_end(tmp_path):
     bench = load_bench(BENCH, quick=True)
     models = [m.name for m in bench.models]
-    assert {"grain", "clip_desc", "clip", "no_rd", "no_box", "grain-paper"} <= set(models)
+    assert {"grain", "clip_desc", "grain-patches", "clip", "no_rd", "no_box", "grain-paper"} <= set(models)
     report = tmp_path / "science.md"
     cmd = [str(BIN / "grain"), "bench", "science", "--quick", "--jobs", "1", "--out", str(report),
            "--set", f"workdir={tmp_path / 'work'}"]
@@ -35,18 +37,23 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert sorted(r["model"] for r in results["runs"]) == sorted(models)
     for run in results["runs"]:
         got = {(r["dataset"], r["task"], r["mode"]) for r in run["rows"]}
-        decoder = run["model"] in ("grain", "no_rd", "no_box", "grain-paper")
+        decoder = run["model"] in ("grain", "grain-patches", "no_rd", "no_box", "grain-paper")
+        assert run["world"] == 11 and not Path(run["run"]).is_absolute()  # folders relative to the workdir
+        assert (run["probe"] is not None) == decoder  # the grounding probe on held-out images
+        if decoder:
+            assert -1 <= run["probe"]["static_giou"] <= 1 and run["probe"]["descriptions"] > 0
         for dataset in ("single", "distractor", "swap"):
-            for mode in ("names", "descriptions", "descriptors", "waffle"):
+            for mode in ("names", "descriptions", "descriptors", "composed", "waffle"):
                 assert (dataset, "classification", mode) in got, (run["model"], dataset, mode)
             for scorer in ("bind", "max", "paper"):
                 assert ((dataset, "classification", f"regions-{scorer}@0.5") in got) == decoder
                 assert (("swap", "swap", f"regions-{scorer}@0") in got) == decoder
-        assert ("swap", "swap", "descriptors") in got and ("heldout", "retrieval", "captions") in got
+        assert ("swap", "swap", "descriptors") in got and ("swap", "swap", "composed") in got
+        assert ("heldout", "retrieval", "captions") in got
         assert run["curves"] and {p["step"] for p in run["curves"]} == {3, 6}  # train.eval_every=3 of 6 steps
 
     text = report.read_text()
-    for needle in ("## Headline: `grain` vs `clip_desc`", "### The bar", "single — classification",
+    for needle in ("## Headline: `grain` vs `clip_desc`", "### The bar", "single — classification", "### Grounding probe",
                    "swap — swap", "heldout — retrieval", "accuracy_by_model.png", "alpha_sweep.png",
                    "accuracy_vs_step.png", "| `grain-paper` |"):
         assert needle in text, needle
@@ -72,8 +79,42 @@ def test_headline_gap_is_per_seed_and_the_baseline_gets_its_best_mode():
     (row,) = headline_rows(results)
     assert row["a_mode"] == "regions-bind@0"  # declared, not the best-looking mode
     assert row["b_mode"] == "descriptors"  # the baseline's best mean (0.25 vs 0.15)
-    assert row["gap"] == pytest.approx([0.5, 0.4]) and row["seeds"] == [0, 1]
+    assert list(row["gap"].values()) == pytest.approx([0.5, 0.4]) and row["runs"] == [(None, 0), (None, 1)]
     assert mean_std(row["gap"]) == pytest.approx((0.45, 0.0707106), rel=1e-5)
+
+
+def test_runs_over_worlds_report_the_mean_over_worlds_with_world_and_seed_spread_apart():
+    """A world's value is the mean over its seeds; the headline is the mean over worlds; the world spread is the std
+    of the per-world means, the seed spread the root mean square of the within-world stds."""
+    values = {(11, 0): 0.9, (11, 1): 0.8, (12, 0): 0.6, (12, 1): 0.6, (13, 0): 0.7}
+    sp = spread(values)
+    assert sp["per_world"] == pytest.approx({11: 0.85, 12: 0.6, 13: 0.7})
+    assert sp["mean"] == pytest.approx((0.85 + 0.6 + 0.7) / 3)  # not the mean of the 5 runs (0.72)
+    assert sp["world_std"] == pytest.approx(statistics.stdev([0.85, 0.6, 0.7]))
+    assert sp["seed_std"] == pytest.approx(((statistics.variance([0.9, 0.8]) + 0.0) / 2) ** 0.5)
+    assert mean_std(values) == pytest.approx((sp["mean"], sp["world_std"]))
+    assert mean_std({(None, 0): 0.5, (None, 1): 0.7}) == pytest.approx((0.6, statistics.stdev([0.5, 0.7])))
+
+
+def test_worlds_are_chosen_by_name_or_seed_and_a_model_may_take_the_first_only(tmp_path):
+    bench = load_bench(BENCH)
+    assert bench.world_set == "test" and bench.worlds == [11, 12, 13]
+    by = {m.name: m for m in bench.models}
+    assert by["grain"].worlds == [11, 12, 13] and by["clip"].worlds == [11]
+    runs = bench.runs()
+    assert ("grain", 12, 1) in runs and ("clip", 12, 0) not in runs
+    assert bench.config(by["grain"], 1, world=12).ingest.synthetic.seed == 12
+    dev = load_bench(BENCH, worlds="dev")
+    assert dev.world_set == "dev" and dev.worlds == [0, 1, 2] and not set(dev.worlds) & set(bench.worlds)
+    assert load_bench(BENCH, worlds="5,6").worlds == [5, 6]
+    assert load_bench(BENCH, quick=True).worlds == [11]  # --quick: the first world
+    with pytest.raises(ConfigError, match="not one of"):
+        load_bench(BENCH, worlds="nope")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("pipeline: {}\nmodels: {a: {}, b: {}}\n")
+    assert load_bench(plain).worlds == [None] and load_bench(plain).runs() == [("a", None, 0), ("b", None, 0)]
+    with pytest.raises(ConfigError, match="no worlds section"):
+        load_bench(plain, worlds="dev")
 
 
 def test_quick_real_photo_benchmark_adds_its_section(tmp_path):
