@@ -21,7 +21,7 @@ meta device at grain.costs' defaults (batch 128, 5 descriptions per image, 77-to
 Writes ``--out`` (default docs/results/decoders.json), which ``grain bench science`` renders into docs/results.md
 beside the accuracy of the benchmark's models with these decoders (``grain``, ``grain-patches``, ``grain-paper``).
 
-    .venv/bin/python bench/decoders.py                 # ~3 min on 2 cores; run it on an otherwise idle machine
+    .venv/bin/python bench/decoders.py                 # ~1 min on 2 cores; run it on an otherwise idle machine
     .venv/bin/python bench/decoders.py --rounds 3 --steps 3 --no-paper-size   # a quick look
 """
 
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="pre-built batches cycled through")
     ap.add_argument("--images", type=int, default=400, help="synthetic world size the batches are drawn from")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as a training run)")
     ap.add_argument("--paper-size", action=argparse.BooleanOptionalAction, default=True,
