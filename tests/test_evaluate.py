@@ -54,7 +54,7 @@ def test_all_four_modes_end_to_end_and_cached(models, tmp_path):
     first = evaluate(cfg, models["grain"], tmp_path / "out", workdir=tmp_path / "work", progress=False)
     rows = read_results(tmp_path / "out")
     assert rows == first.rows and first.encoded == 2 and first.cached == 0 and not first.skipped
-    modes = {"names", "descriptions", "descriptors", "waffle"} | {
+    modes = {"names", "descriptions", "descriptors", "composed", "waffle"} | {
         f"regions-{scorer}@{a:g}" for scorer in ("bind", "max", "paper") for a in cfg.alphas}
     for dataset in ("single", "distractor"):
         got = {r["mode"] for r in rows if r["dataset"] == dataset}
@@ -114,7 +114,7 @@ def test_missing_and_duplicate_classes_fail_naming_them(models, tmp_path):
 
 def test_clip_model_has_no_regions_and_says_so(models, tmp_path):
     result = evaluate(_cfg(), models["clip"], tmp_path / "out", workdir=tmp_path / "w", progress=False)
-    assert {r["mode"] for r in result.rows} == {"names", "descriptions", "descriptors", "waffle"}
+    assert {r["mode"] for r in result.rows} == {"names", "descriptions", "descriptors", "composed", "waffle"}
     assert any("regions skipped" in s for s in result.skipped)
     assert "regions skipped" in (tmp_path / "out" / "results.md").read_text()
 

@@ -262,8 +262,9 @@ def test_every_mode_trains(world, tmp_path, mode):
     weights = {"loss_ic": 1.0, "loss_bbox": 1.5, "loss_giou": 1.5, "loss_rd": 1.0}
     result = _run(world, tmp_path / mode, _cfg(mode=mode, steps=3, weights=weights))
     m = _metrics(tmp_path / mode)[-1]
-    expected = {"clip": {"loss_ic"}, "clip_desc": {"loss_ic", "loss_rd"}, "no_rd": {"loss_ic", "loss_bbox", "loss_giou"},
-                "no_box": {"loss_ic", "loss_rd"}}[mode]
+    # decoder modes also train the selected decoder's patch scores (loss_sel; grain-tiny's query_type selected)
+    expected = {"clip": {"loss_ic"}, "clip_desc": {"loss_ic", "loss_rd"}, "no_rd": {"loss_ic", "loss_bbox", "loss_giou", "loss_sel"},
+                "no_box": {"loss_ic", "loss_rd", "loss_sel"}}[mode]
     assert {k for k in m if k.startswith("loss_")} == expected
     assert result.bad_steps == 0 and load_model(tmp_path / mode / "model").mode == mode
 
