@@ -138,8 +138,7 @@ def ours(mode: str, arch: dict[str, Any], cfg: TrainConfig, batches: list[Batch]
     torch.manual_seed(cfg.seed)
     model = build_model(arch, mode).to(device).train()
     opt, sched = build_optimizer(model, cfg)
-    criterion = GrainCriterion(mode, cfg.weights, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
-                               mask_duplicates=cfg.mask_duplicate_descriptions)
+    criterion = GrainCriterion.from_config(cfg, mode)
     net = torch.compile(model, backend=backend) if compile_ else model  # as train() does with train.compile
     stream = _cycle([prepared(b, cfg.grad_accum, model, device) for b in batches])
 

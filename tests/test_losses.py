@@ -266,6 +266,53 @@ def test_loss_rd_clip_desc_masks_same_image_descriptions():
     assert not torch.allclose(logs["loss_rd"], unmasked, atol=1e-3)  # the mask matters
 
 
+@pytest.mark.parametrize("mode", ["grain", "clip_desc"])
+def test_loss_rd_per_rank_contrasts_each_block_with_its_own_descriptions(mode):
+    """rd_negatives "rank" (the authors' per-GPU loss), ranks simulated by blocks of 2 images: each query's softmax
+    holds only its block's descriptions, and the loss is the mean over blocks of each block's mean (naive loop)."""
+    counts = [3, 1, 0, 4, 2, 2]
+    outputs, targets = make_batch(counts, q=3, seed=47, scale=6.0)
+    crit = GrainCriterion(mode, WEIGHTS, rd_negatives="rank", rd_rank_images=2)
+    _, logs = crit(outputs, targets)
+    img_of = targets["desc_image"].tolist()
+    m = len(img_of)
+    if mode == "grain":
+        batch_idx, query_idx, desc_idx = crit.match(outputs, targets)
+        rows = [(outputs["region_embed"][b, qi], p, b) for b, qi, p in zip(batch_idx.tolist(), query_idx.tolist(), desc_idx.tolist())]
+    else:  # clip_desc also masks the other descriptions of the query's own image
+        rows = [(outputs["image_embed"][img_of[j]], j, img_of[j]) for j in range(m)]
+    per_block = {}
+    for query, pos, image in rows:
+        block = image // 2
+        allowed = [k for k in range(m) if img_of[k] // 2 == block and (mode == "grain" or k == pos or img_of[k] != image)]
+        assert len(allowed) < m  # fewer negatives than the global batch has
+        per_block.setdefault(block, []).append(naive_rd([query], [pos], [allowed], outputs["desc_embed"], 6.0))
+    expected = torch.stack([torch.stack(v).mean() for v in per_block.values()]).mean()
+    assert len(per_block) == 3
+    assert torch.allclose(logs["loss_rd"], expected, atol=1e-5), (float(logs["loss_rd"]), float(expected))
+    _, global_logs = GrainCriterion(mode, WEIGHTS)(outputs, targets)
+    assert not torch.allclose(logs["loss_rd"], global_logs["loss_rd"], atol=1e-3)  # the setting matters
+    # a description of another block is not a negative: changing one of block 2 leaves the gradient that block 0's
+    # queries (images 0 and 1) receive as it was, while with global negatives it changes
+    leaf = "region_embed" if mode == "grain" else "image_embed"
+
+    def block0_grad(c: GrainCriterion, desc: torch.Tensor) -> torch.Tensor:
+        out = as_leaves({**outputs, "desc_embed": desc})
+        c(out, targets, crit.match(outputs, targets) if mode == "grain" else None)[1]["loss_rd"].backward()
+        return out[leaf].grad[:2].clone()
+
+    changed = outputs["desc_embed"].clone()
+    changed[m - 1] = -changed[m - 1]  # a description of image 5 (block 2)
+    assert torch.allclose(block0_grad(crit, outputs["desc_embed"]), block0_grad(crit, changed), atol=1e-7)
+    plain = GrainCriterion(mode, WEIGHTS)
+    assert not torch.allclose(block0_grad(plain, outputs["desc_embed"]), block0_grad(plain, changed), atol=1e-5)
+    # one block per process (rd_rank_images None) on one process: the global loss
+    _, whole = GrainCriterion(mode, WEIGHTS, rd_negatives="rank")(outputs, targets)
+    assert torch.allclose(whole["loss_rd"], global_logs["loss_rd"], atol=1e-6)
+    with pytest.raises(ValueError, match="rd_negatives"):
+        GrainCriterion(mode, WEIGHTS, rd_negatives="local")
+
+
 def test_text_keys_equal_exactly_for_equal_rows():
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 49408, (50, 32), generator=g)

@@ -37,16 +37,16 @@ MODES = ("grain", "clip", "clip_desc", "no_rd", "no_box")
 ACCUMS = (2, 3)
 
 
-def _setup(mode: str = "grain"):
+def _setup(mode: str = "grain", **train: object):
     from grain.train.loop import build_optimizer
     from grain.train.losses import GrainCriterion
     from grain.train.model import build_model
 
-    cfg = TrainConfig(lr=LR, warmup_steps=0, steps=STEPS, min_lr=LR)
+    cfg = TrainConfig(lr=LR, warmup_steps=0, steps=STEPS, min_lr=LR, **train)
     torch.manual_seed(0)
     model = build_model("grain-tiny", mode, decoder={"dropout": 0.0})
     opt, sched = build_optimizer(model, cfg)
-    return model, opt, sched, GrainCriterion(mode, cfg.weights, mask_duplicates=cfg.mask_duplicate_descriptions)
+    return model, opt, sched, GrainCriterion.from_config(cfg, mode)
 
 
 def _for_mode(batch: Batch, mode: str) -> Batch:
@@ -119,6 +119,22 @@ def _worker(rank: int, world: int, init: str, batches_file: str, out: str) -> No
         net = torch.nn.parallel.DistributedDataParallel(model)
         losses, grads = _train(model, opt, sched, crit, batches, net)
         torch.save({"state": model.state_dict(), "losses": losses, "grads": grads}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _rank_worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
+    """L_rd per rank (train.rd_negatives: rank, each process's whole batch one block): the first step's gradients."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        batch = _slice(torch.load(batches_file, weights_only=False)[0], rank, world)
+        grads = {}
+        for mode in ("grain", "clip_desc"):
+            model, _, _, crit = _setup(mode, rd_negatives="rank")
+            net = torch.nn.parallel.DistributedDataParallel(model)
+            grads[mode] = _first_grads(net, model, crit, batch, 1)
+        torch.save(grads, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -203,6 +219,25 @@ def test_ddp_with_gradient_accumulation_equals_one_process_in_every_mode(batches
                     worst[key] = max(worst.get(key, 0.0), err / float(g.abs().max()))
     print("DDP x accumulation vs one process, worst relative gradient error:",
           {k: f"{v:.1e}" for k, v in worst.items()}, file=sys.stderr)
+
+
+def test_per_rank_negatives_under_ddp_equal_simulated_ranks_in_one_process(batches, tmp_path):
+    """``rd_negatives: rank`` on 2 DDP ranks (each contrasts its regions with its own 8 images' descriptions: the
+    authors' loss, DDP averaging the ranks' gradients) equals one process simulating the 2 ranks with
+    ``rd_rank_images: 8`` on the 16-image batch — so the CPU measurement of the setting measures what GPUs run — and
+    differs from global negatives."""
+    ranks = _spawn(_rank_worker, tmp_path, batches)
+    for mode in ("grain", "clip_desc"):
+        model, _, _, crit = _setup(mode, rd_negatives="rank", rd_rank_images=BATCH // 2)
+        simulated = _first_grads(model, model, crit, batches[0], 1)
+        model, _, _, crit = _setup(mode)
+        global_ = _first_grads(model, model, crit, batches[0], 1)
+        differs = 0
+        for name, g in simulated.items():
+            err = float((ranks[0][mode][name] - g).abs().max())
+            assert err <= 1e-7 + 1e-4 * float(g.abs().max()), (mode, name, err, float(g.abs().max()))
+            differs += int(float((global_[name] - g).abs().max()) > 1e-3 * float(g.abs().max()) + 1e-6)
+        assert differs > 0, mode  # per-rank negatives change the gradient
 
 
 if __name__ == "__main__":  # pragma: no cover - spawn re-imports this module

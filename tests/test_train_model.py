@@ -137,6 +137,67 @@ def test_weight_decay_groups():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_the_authors_weight_decay_groups():
+    """weight_decay_groups "paper" (their optim_policy): in the towers only 1-D parameters are exempt (token and
+    positional embeddings are decayed); in the decoder and heads only ``.bias`` names are (LayerNorm weights, query
+    embeddings and attention in-projection biases are decayed) — and train() builds its optimizer with it."""
+    from grain.config import TrainConfig
+    from grain.train.loop import build_optimizer
+
+    model = build_model("grain-tiny-paper")
+    paper, grain = set(model.decayed_names("paper")), set(model.decayed_names("grain"))
+    named = dict(model.named_parameters())
+    newly = {"clip.token_embedding.weight", "clip.positional_embedding", "clip.visual.positional_embedding",
+             "decoder.query_embed.weight", "memory_norm.weight", "decoder.norm.weight", "decoder.layers.0.norm1.weight",
+             "decoder.layers.0.self_attn.in_proj_bias"}
+    assert newly <= paper and not newly & grain
+    assert grain < paper  # the paper decays everything grain decays, and more
+    for name in ("clip.logit_scale", "clip.visual.class_embedding", "clip.ln_final.weight", "clip.visual.ln_post.weight",
+                 "decoder.layers.0.ffn.0.bias", "box_head.net.0.bias", "memory_norm.bias"):
+        assert name in named and name not in paper, name
+    tower_exempt = {n for n in named if n.startswith("clip.") and n not in paper}
+    assert all(named[n].ndim < 2 for n in tower_exempt)
+    opt, _ = build_optimizer(model, TrainConfig(weight_decay_groups="paper"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(named[n]) for n in paper}
+    with pytest.raises(ValueError, match="weight_decay_groups"):
+        model.param_groups(0.1, "timm")
+
+
+def test_arch_options_for_the_authors_towers_and_init():
+    """text_act quick_gelu (OpenAI CLIP's activation in the text tower only), vision_init timm (in-projection ≈ 0.02
+    std instead of open_clip's ≈ 6x larger), decoder.init xavier, and open_clip's own no_ln_pre / norm_kwargs —
+    settable as overrides of an arch that does not name them; a bad value is an error naming the key."""
+    from open_clip.transformer import QuickGELU
+
+    torch.manual_seed(0)
+    base = build_model("grain-small-paper")
+    torch.manual_seed(0)
+    paper = build_model("grain-small-paper", text_act="quick_gelu", vision_init="timm", decoder={"init": "xavier"},
+                        vision_cfg={"no_ln_pre": True, "norm_kwargs": {"eps": 1e-6}})
+    acts = [type(m) for m in paper.clip.transformer.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))]
+    assert acts and all(a is QuickGELU for a in acts)
+    assert any(isinstance(m, torch.nn.GELU) for m in paper.clip.visual.modules())  # the ViT keeps GELU (timm's)
+    assert not any(isinstance(m, QuickGELU) for m in base.modules())
+    assert isinstance(paper.clip.visual.ln_pre, torch.nn.Identity) and not isinstance(base.clip.visual.ln_pre, torch.nn.Identity)
+    assert paper.clip.visual.ln_post.eps == 1e-6 and base.clip.visual.ln_post.eps == 1e-5
+
+    def in_proj_std(m) -> float:
+        return float(next(p for n, p in m.clip.visual.named_parameters() if n.endswith("in_proj_weight")).detach().std())
+
+    assert abs(in_proj_std(paper) - 0.02) < 0.003 and in_proj_std(base) > 4 * in_proj_std(paper)
+    w = paper.decoder.layers[0].ffn[3].weight.detach()  # the FFN's output layer: 512 -> 128
+    bound = (6 / sum(w.shape)) ** 0.5  # xavier-uniform's bound
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+    # PyTorch's default (kaiming-uniform, bound 1/sqrt(fan_in) = 0.044) is half as wide here
+    assert float(base.decoder.layers[0].ffn[3].weight.detach().abs().max()) < 0.5 * bound
+    assert sum(p.numel() for p in paper.parameters()) < sum(p.numel() for p in base.parameters())  # no ln_pre
+    with pytest.raises(ValueError, match="text_act"):
+        build_model("grain-tiny", text_act="relu")
+    with pytest.raises(ValueError, match="unknown key"):
+        build_model("grain-tiny", vision_cfg={"no_such_key": 1})
+
+
 @pytest.mark.parametrize("mode", ["grain", "clip"])
 def test_export_round_trip(tmp_path, mode):
     torch.manual_seed(0)

@@ -30,7 +30,9 @@ Losses per mode (``TrainMode.losses`` in grain.config.TRAIN_MODES):
   matched to a description). Its weight is ``weights["loss_sel"]`` (default 1).
 * ``loss_rd``: for every matched (region query, description) pair, cross-entropy of
   ``logit_scale * region · desc_all^T`` over *all* descriptions of the global batch, the matched description
-  being the positive; mean over all matched pairs of the global batch. In ``no_box`` the matching cost is
+  being the positive; mean over all matched pairs of the global batch (``rd_negatives="rank"``: only the
+  descriptions of the query's own rank, or simulated rank, are in its softmax, and the loss is the mean over
+  ranks of each rank's mean, as the authors' per-GPU loss under DDP). In ``no_box`` the matching cost is
   ``-cos(region, description)`` (the boxes are not trained). In ``clip_desc`` there are no regions: the query
   of description ``j`` is the global embedding of its image, and the *other* descriptions of that same image
   are removed from the row's softmax (set to ``-inf``), since they describe the same image and are positives
@@ -60,7 +62,7 @@ from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from grain.config import TRAIN_MODES
 
-from .dist import all_reduce_sum, gather_with_local_grad, get_world_size, scale_grad, scale_local_grad
+from .dist import all_reduce_sum, gather_with_local_grad, get_rank, get_world_size, scale_grad, scale_local_grad
 from .matcher import HungarianMatcher, assign_blocks
 
 def weighted_total(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
@@ -134,6 +136,8 @@ def region_description_loss(
     keys: Tensor | None = None,
     desc_sizes: list[int] | None = None,
     query_sizes: list[int] | None = None,
+    query_blocks: Tensor | None = None,
+    desc_blocks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Query→description InfoNCE against every description of the global batch (collective).
 
@@ -150,6 +154,10 @@ def region_description_loss(
             target, not a negative (the synthetic world and real MLLM output repeat short phrases a lot, and
             without the mask the positive is ambiguous and the loss has a floor of log(copies)).
         desc_sizes, query_sizes: every rank's ``M`` and ``K`` when known (no size exchange on the device then).
+        query_blocks, desc_blocks: optional ``[K]`` / ``[M]`` long, a *globally unique* block id per query and per
+            description (``rd_negatives: rank``: the rank, or a simulated rank, the row's image belongs to). A
+            query then contrasts only with the descriptions of its own block, and the loss is the mean over blocks
+            of each block's mean — the authors' per-GPU loss, averaged over GPUs as DDP averages their gradients.
 
     Returns:
         ``(loss, acc, K_global)``: mean cross-entropy over the ``K_global`` queries of the global batch (identical
@@ -162,6 +170,11 @@ def region_description_loss(
     pos_all, _ = gather_with_local_grad(positives.to(torch.long) + desc_offset, query_sizes)
     group_all = gather_with_local_grad(groups, desc_sizes)[0] if groups is not None else None  # [Mg]
     key_all = gather_with_local_grad(keys, desc_sizes)[0] if keys is not None else None  # [Mg]
+    blocked = query_blocks is not None
+    if blocked != (desc_blocks is not None):
+        raise ValueError("query_blocks and desc_blocks go together")
+    qblock_all = gather_with_local_grad(query_blocks, query_sizes)[0] if blocked else None  # [Kg]
+    dblock_all = gather_with_local_grad(desc_blocks, desc_sizes)[0] if blocked else None  # [Mg]
     k = query_all.shape[0]
     if k == 0:
         zero = _zero_with_graph(queries, descs, logit_scale)
@@ -173,10 +186,31 @@ def region_description_loss(
             mask |= ids[pos_all][:, None] == ids[None, :]  # [Kg,Mg]
     if group_all is not None or key_all is not None:
         mask[torch.arange(k, device=logits.device), pos_all] = False
+    if blocked:  # other blocks' descriptions are not negatives (the positive is always in the query's own block)
+        mask |= qblock_all[:, None] != dblock_all[None, :]
+    if group_all is not None or key_all is not None or blocked:
         logits = logits.masked_fill(mask, float("-inf"))
-    loss = F.cross_entropy(logits, pos_all, reduction="sum") / k
+    if blocked:
+        loss = (F.cross_entropy(logits, pos_all, reduction="none") * _block_weights(qblock_all)).sum()
+    else:
+        loss = F.cross_entropy(logits, pos_all, reduction="sum") / k
     acc = (logits.detach().argmax(dim=1) == pos_all).float().mean()
     return scale_local_grad(loss), acc, k
+
+
+def _block_weights(blocks: Tensor) -> Tensor:
+    """``[K]`` block ids → ``[K]`` weights ``1 / (G · K_b)`` (``K_b`` rows in the row's block, ``G`` blocks): a
+    weighted sum is the mean over blocks of each block's mean. Computed without reading anything back (sorting
+    numbers the blocks; the shapes are the input's)."""
+    k = blocks.shape[0]
+    ordered, order = blocks.sort()
+    first = torch.ones(k, dtype=torch.bool, device=blocks.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    dense = torch.empty(k, dtype=torch.long, device=blocks.device)
+    dense[order] = first.long().cumsum(0) - 1  # block number 0..G-1 of every row
+    counts = torch.zeros(k, dtype=torch.float32, device=blocks.device).scatter_add_(0, dense, torch.ones(k, device=blocks.device))
+    num_blocks = (counts > 0).sum().float()
+    return 1.0 / (counts[dense] * num_blocks)
 
 
 def centre_patches(boxes: Tensor, grid: int) -> Tensor:
@@ -215,10 +249,15 @@ class GrainCriterion(nn.Module):
             ``targets["desc_key"]``, see :func:`text_keys`); off = the authors' loss.
         match_repeats: one-to-many matching (H-DETR's one-to-many assignment, on the same queries): each
             description is matched to up to this many region queries (its column repeated in the cost); 1 = DETR.
+        rd_negatives: ``"global"`` (every description of the global batch is a negative in ``loss_rd``) or
+            ``"rank"`` (only those of the query's own rank: the authors' loss; see ``rd_rank_images``).
+        rd_rank_images: with ``"rank"``, images per block of each process's batch whose descriptions are each
+            other's negatives (None: the whole process batch); below the batch size it simulates ranks.
     """
 
     def __init__(self, mode: str, weights: Mapping[str, float], cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 mask_duplicates: bool = False, match_repeats: int = 1):
+                 mask_duplicates: bool = False, match_repeats: int = 1, rd_negatives: str = "global",
+                 rd_rank_images: int | None = None):
         super().__init__()
         if mode not in TRAIN_MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(TRAIN_MODES)}")
@@ -234,6 +273,31 @@ class GrainCriterion(nn.Module):
         if match_repeats < 1:
             raise ValueError(f"match_repeats must be >= 1, got {match_repeats}")
         self.match_repeats = int(match_repeats)
+        if rd_negatives not in ("global", "rank"):
+            raise ValueError(f"rd_negatives must be 'global' or 'rank', got {rd_negatives!r}")
+        if rd_rank_images is not None and rd_rank_images < 1:
+            raise ValueError(f"rd_rank_images must be >= 1, got {rd_rank_images}")
+        self.rd_negatives = rd_negatives
+        self.rd_rank_images = rd_rank_images
+
+    @classmethod
+    def from_config(cls, cfg: Any, mode: str | None = None) -> GrainCriterion:
+        """The criterion a :class:`grain.config.TrainConfig` describes (``mode`` overrides ``cfg.mode``)."""
+        return cls(mode or cfg.mode, cfg.weights, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
+                   mask_duplicates=cfg.mask_duplicate_descriptions, match_repeats=cfg.match_repeats,
+                   rd_negatives=cfg.rd_negatives, rd_rank_images=cfg.rd_rank_images)
+
+    def rd_blocks(self, image_index: Tensor) -> Tensor | None:
+        """``rd_negatives: rank``: the globally unique L_rd block of rows whose local image is ``image_index``
+        (rank × 2^32 + image // rd_rank_images); None with global negatives."""
+        if self.rd_negatives == "global":
+            return None
+        block = image_index.to(torch.long)
+        if self.rd_rank_images is None:  # the whole process batch is one block
+            block = torch.zeros_like(block)
+        else:
+            block = torch.div(block, self.rd_rank_images, rounding_mode="floor")
+        return block + get_rank() * (1 << 32)
 
     # -- matching -----------------------------------------------------------------------------------------------
 
@@ -369,22 +433,24 @@ class GrainCriterion(nn.Module):
             stats.update(box_stats)
         if "loss_rd" in self.loss_names:
             desc = self._desc_embed(outputs, targets)
+            desc_image = targets["desc_image"].to(device=image.device, dtype=torch.long)
             if self.mode == "clip_desc":
-                desc_image = targets["desc_image"].to(device=image.device, dtype=torch.long)
                 queries = image[desc_image]  # [M,D]: each description's own image
                 positives = torch.arange(desc.shape[0], device=image.device)
                 groups = desc_image + image_offset  # global image index of each description
                 query_sizes = sizes.get("descs")
+                query_image = desc_image
             else:
                 queries = outputs["region_embed"][batch_idx, query_idx]  # [K,D]
                 positives, groups = desc_idx, None
                 query_sizes = sizes.get("pairs")
+                query_image = batch_idx
             keys = targets.get("desc_key") if self.mask_duplicates else None
             if self.mask_duplicates and keys is None:
                 raise KeyError("mask_duplicates needs targets['desc_key'] (grain.train.losses.text_keys of the tokens)")
             losses["loss_rd"], stats["rd_acc"], _ = region_description_loss(
                 queries, desc, positives, logit_scale, groups, None if keys is None else keys.to(image.device),
-                sizes.get("descs"), query_sizes,
+                sizes.get("descs"), query_sizes, self.rd_blocks(query_image), self.rd_blocks(desc_image),
             )
 
         if "select_logits" in outputs:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grain.config import TRAIN_MODES
-from grain.train.arch import QUERY_TYPES, _check_arch, _merge, list_archs, load_arch  # noqa: F401 (re-exported)
+from grain.train.arch import QUERY_TYPES, _check_arch, _merge, arch_option, list_archs, load_arch  # noqa: F401 (re-exported)
 from grain.stages import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, model_content_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +53,7 @@ def build_model(name_or_arch: str | dict[str, Any] = "grain-tiny", mode: str = "
     if mode not in TRAIN_MODES:
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(TRAIN_MODES)}")
     if isinstance(name_or_arch, dict):
-        arch = _merge(name_or_arch, overrides, "arch")
+        arch = _merge(name_or_arch, overrides, "")
         _check_arch(arch, "<dict>")
     else:
         arch = load_arch(name_or_arch, overrides)
@@ -302,6 +302,10 @@ class GrainModel(nn.Module):
         self.clip = open_clip.model.CLIP(
             embed_dim=d, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**arch["text_cfg"]), output_dict=True
         )
+        if arch_option(arch, "", "text_act") == "quick_gelu":
+            _use_quick_gelu(self.clip.transformer)
+        if arch_option(arch, "", "vision_init") == "timm":
+            _timm_vit_init(self.clip.visual)
         self.image_size = int(vision["image_size"])
         # input normalisation constants on the model's device (not saved: they are the same for every model)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
@@ -313,6 +317,10 @@ class GrainModel(nn.Module):
             grid = self.image_size // int(vision["patch_size"])
             self.decoder = QueryDecoder(d, dec["num_region_queries"], dec["layers"], dec["heads"], dec["ffn_dim"],
                                         dec["dropout"], dec.get("query_type", "learned"), dec.get("memory_pos", "none"), grid)
+            if arch_option(arch, "decoder", "init") == "xavier":  # the authors' (DETR's) _reset_parameters
+                for p in self.decoder.layers.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_uniform_(p)
             self.box_head = BoxHead(d)
             scale = d**-0.5
             self.region_proj = nn.Parameter(scale * torch.randn(d, d))
@@ -429,17 +437,30 @@ class GrainModel(nn.Module):
 
     # -- optimisation helpers ---------------------------------------------------------------------------------
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: decay on weight matrices only; none on biases, norms, logit scale, embeddings, queries."""
+    def param_groups(self, weight_decay: float, groups: str = "grain") -> list[dict[str, Any]]:
+        """AdamW groups (``train.weight_decay_groups``).
+
+        ``grain``: decay on weight matrices only; none on biases, norms, the logit scale, embedding tables,
+        positional embeddings and queries. ``paper``: the authors' rule (their ``optim_policy``): in the towers every
+        parameter of 2+ dimensions is decayed (token and positional embeddings too), 1-D ones are not; in the
+        decoder and heads only names with a ``.bias`` part are exempt — LayerNorm weights, query embeddings and the
+        attention in-projection biases (named ``in_proj_bias``, which their substring test does not catch) are
+        decayed.
+        """
+        if groups not in ("grain", "paper"):
+            raise ValueError(f"weight_decay_groups must be 'grain' or 'paper', got {groups!r}")
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if _no_decay(name, p):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            exempt = _no_decay(name, p) if groups == "grain" else _paper_no_decay(name, p)
+            (no_decay if exempt else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def decayed_names(self, groups: str = "grain") -> list[str]:
+        """Names of the parameters :meth:`param_groups` decays (for tests and docs)."""
+        decayed = {id(p) for p in self.param_groups(1.0, groups)[0]["params"]}
+        return [n for n, p in self.named_parameters() if id(p) in decayed]
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
@@ -471,6 +492,50 @@ _NO_DECAY_NAMES = ("logit_scale", "class_embedding", "positional_embedding", "to
 def _no_decay(name: str, p: Tensor) -> bool:
     """Biases and norm scales (1-D), the logit scale, and every embedding table or learned position/query."""
     return p.ndim < 2 or any(part in _NO_DECAY_NAMES for part in name.split("."))
+
+
+def _paper_no_decay(name: str, p: Tensor) -> bool:
+    """The authors' exemptions: tower (``clip.*``) parameters below 2 dimensions or named like a bias or a norm;
+    anything else (their decoder module) only when its name contains ``.bias``, ``.ln_``, ``.bn`` or
+    ``.logit_scale`` as they match them (by substring)."""
+    if name.startswith("clip."):
+        tower = name[len("clip."):]
+        return p.ndim < 2 or "bias" in tower or "ln" in tower or "bn" in tower
+    return any(part in "." + name for part in (".ln_", ".bn", ".bias", ".logit_scale"))
+
+
+def _use_quick_gelu(module: nn.Module) -> None:
+    """Every ``nn.GELU`` inside ``module`` replaced by open_clip's QuickGELU (``x · sigmoid(1.702 x)``, OpenAI CLIP's
+    activation). No parameter changes."""
+    from open_clip.transformer import QuickGELU
+
+    for parent in module.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.GELU):
+                setattr(parent, child_name, QuickGELU())
+
+
+@torch.no_grad()
+def _timm_vit_init(visual: nn.Module) -> None:
+    """timm's ViT initialisation on open_clip's VisionTransformer: Linear weights and attention in-projections
+    trunc-normal (std 0.02) with zero biases, positional embedding trunc-normal 0.02, class token normal 1e-6.
+    (open_clip's in-projection starts ≈ 6× larger.) The patch convolution and the output projection keep open_clip's."""
+    std = 0.02
+    for module in visual.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        weight = getattr(module, "in_proj_weight", None)
+        if isinstance(weight, nn.Parameter):
+            nn.init.trunc_normal_(weight, std=std)
+            bias = getattr(module, "in_proj_bias", None)
+            if isinstance(bias, nn.Parameter):
+                nn.init.zeros_(bias)
+    if isinstance(getattr(visual, "positional_embedding", None), nn.Parameter):
+        nn.init.trunc_normal_(visual.positional_embedding, std=std)
+    if isinstance(getattr(visual, "class_embedding", None), nn.Parameter):
+        nn.init.normal_(visual.class_embedding, std=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ export / load
