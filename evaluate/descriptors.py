@@ -29,6 +29,28 @@ _VERB_WORDS = frozenset(
 )
 
 
+#: The authors' 46 prompt templates (``evaluate.template_set: paper46``; their dataloaders/clip_prompts.py), in
+#: their order and in grain's template form ("{c}", a final period). Their list appends ", a type of bird" to 23 of
+#: them — CUB's domain, kept for every dataset they evaluate; grain drops it (a bug for any dataset but birds).
+#: Their global class embedding averages every template × every DCLIP descriptor sentence without re-normalising
+#: (``evaluate.description_templates: all``, ``evaluate.renormalize: false``).
+PAPER_TEMPLATES: tuple[str, ...] = tuple(f"{t}." for t in (
+    "a bad photo of a {c}", "a photo of many {c}", "a photo of the hard to see {c}",
+    "a low resolution photo of the {c}", "a rendering of a {c}", "a bad photo of the {c}",
+    "a cropped photo of the {c}", "a photo of a hard to see {c}", "a bright photo of a {c}",
+    "a photo of a clean {c}", "a photo of a dirty {c}", "a drawing of a {c}", "a photo of my {c}",
+    "a photo of the cool {c}", "a close-up photo of a {c}", "a black and white photo of the {c}",
+    "a painting of the {c}", "a painting of a {c}", "a bright photo of the {c}", "a cropped photo of a {c}",
+    "a plastic {c}", "a photo of the dirty {c}", "a jpeg corrupted photo of a {c}", "a blurry photo of the {c}",
+    "a photo of the {c}", "a good photo of the {c}", "a rendering of the {c}", "a {c} in a video game",
+    "a photo of one {c}", "a close-up photo of the {c}", "a photo of a {c}", "a low resolution photo of a {c}",
+    "a rendition of the {c}", "a photo of the clean {c}", "a rendition of a {c}", "a photo of a nice {c}",
+    "a photo of a weird {c}", "a blurry photo of a {c}", "a good photo of a {c}", "a plushie {c}",
+    "a photo of the nice {c}", "a photo of the weird {c}", "a photo of the large {c}", "a toy {c}",
+    "itap of my {c}", "a photo of a cool {c}",
+))
+
+
 def read_descriptor_json(path: str | Path) -> dict[str, list[str]]:
     """``{class name: [descriptor, ...]}`` from a DCLIP/CuPL JSON file, keys in file order.
 

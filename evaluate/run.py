@@ -21,6 +21,7 @@ from grain.evaluate.zeroshot import (
     descriptor_embeddings,
     encode_images,
     names_embeddings,
+    per_descriptor_embeddings,
     pooled_logits,
     raw_descriptor_embeddings,
     score_regions,
@@ -216,7 +217,7 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
 
     Shared by the evaluate stage and the in-training probe (``train.eval_every``).
     """
-    from grain.evaluate.descriptors import align_descriptors, composed_sentence, descriptor_sentence
+    from grain.evaluate.descriptors import PAPER_TEMPLATES, align_descriptors, composed_sentence
     from grain.evaluate.metrics import classification_metrics, retrieval_metrics
 
     out: dict[Any, Any] = {"skipped": []}
@@ -227,7 +228,9 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
                                                            chunk=cfg.retrieval_chunk)
         return out
     labels = torch.as_tensor(data.labels)
-    names = names_embeddings(text, data.classnames, data.templates)
+    templates = list(PAPER_TEMPLATES) if cfg.template_set == "paper46" else list(data.templates)
+    renorm = cfg.renormalize
+    names = names_embeddings(text, data.classnames, templates, renorm)
     if "names" in cfg.modes:
         out[("classification", "names")] = classification_metrics(image @ names.T, labels)
     needs_desc = [m for m in cfg.modes if m in ("descriptions", "descriptors", "composed", "waffle", "regions")]
@@ -238,18 +241,21 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
         return out
     aligned = align_descriptors(data.classnames, descriptor_json, on_empty=cfg.empty_descriptors,
                                 on_extra=cfg.extra_descriptors, where=where)
-    template = data.templates[0]
+    template = templates[0]
+    sentence_templates = templates if cfg.description_templates == "all" else [template]
     pool = getattr(data, "descriptor_pool", "mean")
     if pool == "mean":
-        desc_classes = descriptor_embeddings(text, data.classnames, aligned, template, fallback=names)
+        desc_classes = descriptor_embeddings(text, data.classnames, aligned, sentence_templates, fallback=names,
+                                             renormalize=renorm)
         desc_logits = image @ desc_classes.T
     else:  # the descriptors are alternatives: a class scores its best-matching one
-        desc_logits = pooled_logits(image, [text([descriptor_sentence(c, d, template) for d in a]) if a else names[i:i + 1]
+        desc_logits = pooled_logits(image, [per_descriptor_embeddings(text, c, a, sentence_templates, renorm)
+                                            if a else names[i:i + 1]
                                             for i, (c, a) in enumerate(zip(data.classnames, aligned))], pool)
     raw_logits = None
     if "descriptors" in cfg.modes or cfg.regions_global == "descriptors":
         raw = [a if a else [fill_template(template, c)] for c, a in zip(data.classnames, aligned)]
-        raw_logits = (image @ raw_descriptor_embeddings(text, raw).T if pool == "mean"
+        raw_logits = (image @ raw_descriptor_embeddings(text, raw, renorm).T if pool == "mean"
                       else pooled_logits(image, [text(list(r)) for r in raw], pool))
     if "descriptions" in cfg.modes:
         out[("classification", "descriptions")] = classification_metrics(desc_logits, labels)
@@ -263,9 +269,10 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
         count = cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1)))
         waffle = waffle_descriptors(data.classnames, count, cfg.waffle_seed)
         if pool == "mean":
-            waffle_logits = image @ descriptor_embeddings(text, data.classnames, waffle, template).T
+            waffle_logits = image @ descriptor_embeddings(text, data.classnames, waffle, sentence_templates,
+                                                          renormalize=renorm).T
         else:
-            waffle_logits = pooled_logits(image, [text([descriptor_sentence(c, d, template) for d in w])
+            waffle_logits = pooled_logits(image, [per_descriptor_embeddings(text, c, w, sentence_templates, renorm)
                                                   for c, w in zip(data.classnames, waffle)], pool)
         out[("classification", "waffle")] = classification_metrics(waffle_logits, labels)
     has_regions = "region_embed" in emb

@@ -153,20 +153,31 @@ class EmbeddingCache:
 # ------------------------------------------------------------------------------------------------ classes
 
 
-def names_embeddings(text: TextEncoder, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """[C,D]: per class the mean of the normalised template embeddings, re-normalised."""
+def class_mean(emb: Tensor, renormalize: bool = True, dim: int = 0) -> Tensor:
+    """The mean of normalised text embeddings along ``dim``, re-normalised (``renormalize=False``: the authors'
+    un-normalised mean, shorter the more its prompts disagree)."""
+    mean = emb.mean(dim=dim)
+    return F.normalize(mean, dim=-1) if renormalize else mean
+
+
+def names_embeddings(text: TextEncoder, classnames: Sequence[str], templates: Sequence[str],
+                     renormalize: bool = True) -> Tensor:
+    """[C,D]: per class the mean of the normalised template embeddings, re-normalised (unless ``renormalize`` is
+    false)."""
     from grain.evaluate.datasets import fill_template
 
     prompts = [fill_template(t, c) for c in classnames for t in templates]
     emb = text(prompts).view(len(classnames), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+    return class_mean(emb, renormalize, dim=1)
 
 
 def descriptor_embeddings(text: TextEncoder, classnames: Sequence[str], descriptors: Sequence[Sequence[str]],
-                          template: str, fallback: Tensor | None = None) -> Tensor:
-    """[C,D]: per class the mean of normalised DCLIP sentence embeddings, re-normalised (fallback rows for [])."""
-    from grain.evaluate.descriptors import descriptor_sentence
-
+                          template: str | Sequence[str], fallback: Tensor | None = None,
+                          renormalize: bool = True) -> Tensor:
+    """[C,D]: per class the mean of normalised DCLIP sentence embeddings over its descriptors — and over the
+    templates when ``template`` is a list (the authors' ensemble: every template × every descriptor) —
+    re-normalised unless ``renormalize`` is false (fallback rows for classes without descriptors)."""
+    templates = [template] if isinstance(template, str) else list(template)
     rows = []
     for c, (name, descs) in enumerate(zip(classnames, descriptors)):
         if not descs:
@@ -174,9 +185,24 @@ def descriptor_embeddings(text: TextEncoder, classnames: Sequence[str], descript
                 raise ValueError(f"class {name!r} has no descriptors and no fallback embedding")
             rows.append(fallback[c])
             continue
-        emb = text([descriptor_sentence(name, d, template) for d in descs])
-        rows.append(F.normalize(emb.mean(dim=0), dim=-1))
+        rows.append(class_mean(text(description_sentences(name, descs, templates)), renormalize))
     return torch.stack(rows)
+
+
+def description_sentences(classname: str, descriptors: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """The DCLIP sentence of every (descriptor, template) pair, descriptor-major: ``len(descriptors) ×
+    len(templates)`` strings."""
+    from grain.evaluate.descriptors import descriptor_sentence
+
+    return [descriptor_sentence(classname, d, t) for d in descriptors for t in templates]
+
+
+def per_descriptor_embeddings(text: TextEncoder, classname: str, descriptors: Sequence[str],
+                              templates: Sequence[str], renormalize: bool = True) -> Tensor:
+    """[n,D]: each descriptor's DCLIP sentence embedding, the mean over ``templates`` when there are several (for
+    ``descriptor_pool: max``, which scores a class by its best descriptor)."""
+    emb = text(description_sentences(classname, descriptors, templates)).view(len(descriptors), len(templates), -1)
+    return emb[:, 0] if len(templates) == 1 else class_mean(emb, renormalize, dim=1)
 
 
 def waffle_descriptors(classnames: Sequence[str], count: int, seed: int) -> list[list[str]]:
@@ -216,11 +242,13 @@ def _vocab_words() -> list[str]:
 REGION_SCORERS = ("bind", "max", "paper")
 
 
-def raw_descriptor_embeddings(text: TextEncoder, descriptors: Sequence[Sequence[str]]) -> Tensor:
-    """[C,D]: per class the mean of its raw descriptors' normalised embeddings (no class name), re-normalised."""
+def raw_descriptor_embeddings(text: TextEncoder, descriptors: Sequence[Sequence[str]],
+                              renormalize: bool = True) -> Tensor:
+    """[C,D]: per class the mean of its raw descriptors' normalised embeddings (no class name), re-normalised
+    unless ``renormalize`` is false."""
     if any(len(d) == 0 for d in descriptors):
         raise ValueError("every class needs at least one descriptor for the descriptors mode")
-    return torch.stack([F.normalize(text(list(d)).mean(dim=0), dim=-1) for d in descriptors])
+    return torch.stack([class_mean(text(list(d)), renormalize) for d in descriptors])
 
 
 def _owners(class_descriptor_embeds: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[int]]:

@@ -16,6 +16,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +315,13 @@ class TrainConfig(_Frozen):
     arch_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Nested overrides of the arch JSON, e.g. {decoder: {layers: 2}}."
     )
-    steps: int = Field(300, ge=1, description="Optimizer steps (training is step-based; the loader streams epochs).")
+    steps: int = Field(300, ge=1, description="Optimizer steps (training is step-based; the loader streams epochs). "
+                       "Ignored when epochs is set.")
+    epochs: float | None = Field(
+        None, gt=0, description="Train this many passes over the samples instead of a step count: steps = ceil(epochs × "
+        "samples / (batch_size × world size)), worked out when training starts (the paper: 35).")
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="Warm-up length in epochs instead of warmup_steps (the paper: 1); needs epochs.")
     batch_size: int = Field(32, ge=2, description="Images per step per process (global batch = this × world size).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (each of batch_size/grad_accum).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (paper 1e-3).")
@@ -323,7 +330,12 @@ class TrainConfig(_Frozen):
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps (paper: one epoch).")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas (paper 0.9, 0.98).")
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay; never on biases, norms, logit scale, embeddings.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (which parameters: weight_decay_groups).")
+    weight_decay_groups: Literal["grain", "paper"] = Field(
+        "grain", description="Which parameters AdamW decays. grain: weight matrices only (none on biases, norms, the "
+        "logit scale, embedding tables, positional embeddings, queries); paper: the authors' groups (towers: every "
+        "parameter of 2+ dimensions, embeddings included; decoder and heads: everything but biases, so LayerNorm "
+        "weights and query embeddings are decayed). docs/train.md, 'The paper's recipe'.")
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this (null = no clipping, as the paper); the norm is logged either way.")
     logit_scale_max: float = Field(100.0, gt=1, description="Clamp exp(logit_scale) at this after every step.")
     weights: dict[str, float] = Field(
@@ -336,6 +348,14 @@ class TrainConfig(_Frozen):
     mask_duplicate_descriptions: bool = Field(
         True, description="L_rd: descriptions with the positive's exact text are not negatives (false = the authors' loss)."
     )
+    rd_negatives: Literal["global", "rank"] = Field(
+        "global", description="L_rd's negatives: global = every description of the global batch (all ranks); rank = "
+        "only the descriptions of the query's own rank (the authors: one GPU's 128 images), the loss being the mean "
+        "over ranks of each rank's mean (rd_rank_images splits a process's batch further).")
+    rd_rank_images: int | None = Field(
+        None, ge=1, description="rd_negatives rank: images per group whose descriptions are each other's negatives, "
+        "counted in each process's batch (null = the whole process batch). Below batch_size it simulates ranks on "
+        "one process: batch 32 with 8 = 4 ranks of 8 images.")
     max_regions: int = Field(5, ge=1, description="Descriptions (with boxes) kept per image, best score first.")
     match_repeats: int = Field(1, ge=1, description="One-to-many matching: each description is matched to up to this "
                                "many region queries (H-DETR's one-to-many assignment on the same queries); 1 = DETR's one-to-one.")
@@ -373,6 +393,22 @@ class TrainConfig(_Frozen):
     ray_workers: int = Field(2, ge=1, description="launcher ray: training workers (Ray Train TorchTrainer).", json_schema_extra=NOT_FINGERPRINTED)
     ray_use_gpu: bool = Field(False, description="launcher ray: one GPU per worker.", json_schema_extra=NOT_FINGERPRINTED)
     ray_cpus_per_worker: float = Field(1.0, gt=0, description="launcher ray: CPUs per worker.", json_schema_extra=NOT_FINGERPRINTED)
+
+    @model_validator(mode="after")
+    def _epochs_pair(self) -> "TrainConfig":
+        if self.warmup_epochs is not None and self.epochs is None:
+            raise ValueError("train.warmup_epochs needs train.epochs (or use train.warmup_steps)")
+        return self
+
+    def schedule(self, samples: int, world_size: int = 1) -> "TrainConfig":
+        """This config with ``steps`` (and ``warmup_steps``) worked out from ``epochs`` (``warmup_epochs``) for
+        ``samples`` training rows and ``world_size`` processes; unchanged when ``epochs`` is not set."""
+        if self.epochs is None:
+            return self
+        per_epoch = samples / (self.batch_size * world_size)
+        steps = max(1, math.ceil(self.epochs * per_epoch))
+        warmup = self.warmup_steps if self.warmup_epochs is None else min(steps, math.ceil(self.warmup_epochs * per_epoch))
+        return self.model_copy(update={"steps": steps, "warmup_steps": warmup})
 
     @property
     def mode_spec(self) -> TrainMode:
@@ -429,6 +465,17 @@ class EvalConfig(_Frozen):
         "descriptors", description="regions: the global score's class embedding (descriptions = the paper's DCLIP "
         "sentences; descriptors = raw descriptors without the class name)."
     )
+    template_set: Literal["dataset", "paper46"] = Field(
+        "dataset", description="Prompt templates of the names and descriptions modes: dataset = each dataset's own "
+        "(its templates key, its templates file, else 'a photo of a {c}.'); paper46 = the authors' 46 templates for "
+        "every dataset (grain.evaluate.descriptors.PAPER_TEMPLATES; their CUB-only ', a type of bird' removed).")
+    description_templates: Literal["first", "all"] = Field(
+        "first", description="descriptions mode (and regions_global: descriptions): the DCLIP sentence of each "
+        "descriptor built on the first template only (DCLIP), or on every template, all averaged (the authors).")
+    renormalize: bool = Field(
+        True, description="Re-normalise a class's mean text embedding (names, descriptions, descriptors, waffle). "
+        "false = the authors' un-normalised mean: a class whose prompts disagree gets a shorter vector and lower "
+        "scores, and the global score's scale against the region score (α) changes.")
     region_scorers: list[Literal["bind", "max", "paper"]] = Field(
         default_factory=lambda: ["bind", "max", "paper"],
         description="regions: how region queries score a class (bind: all descriptions on one object; max: each "
@@ -470,6 +517,11 @@ class PipelineConfig(_Frozen):
     """The whole pipeline. Each stage section is its own frozen model; later stages add theirs here."""
 
     workdir: str = Field("runs/default", description="Root folder of stage outputs (one subfolder per stage).")
+    recipe: Literal["grain", "paper"] = Field(
+        "grain", description="grain: this project's defaults; paper: the authors' recipe wherever it is not a bug "
+        "(grain/recipes/paper.yaml, docs/train.md 'The paper's recipe'): its values become the defaults, and keys "
+        "set in the file or with --set still win. Only the resolved values are fingerprinted.",
+        json_schema_extra=NOT_FINGERPRINTED)
     ingest: IngestConfig = IngestConfig()
     describe: DescribeConfig = DescribeConfig()
     ground: GroundConfig = GroundConfig()
@@ -525,7 +577,34 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     for item in overrides:
         _apply_override(data, item)
         where += f" + {item}"
+    recipe = data.get("recipe", "grain")
+    if recipe != "grain" and isinstance(recipe, str) and recipe in RECIPES:
+        data = _under(recipe_values(recipe), data)
     return _validate(data, where)
+
+
+#: Recipes (``recipe: <name>``): bundled YAML files of section values that become the defaults.
+RECIPES = ("paper",)
+
+
+def recipe_values(name: str) -> dict[str, Any]:
+    """The section values of a bundled recipe (``grain/recipes/<name>.yaml``)."""
+    from importlib import resources
+
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; one of grain, {', '.join(RECIPES)}")
+    return yaml.safe_load(resources.files("grain").joinpath("recipes", f"{name}.yaml").read_text()) or {}
+
+
+def _under(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` merged over ``base`` (nested mappings merged key by key; anything else in ``top`` wins)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _under(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 _KEY_PART = re.compile(r"^([A-Za-z_][\w-]*)((?:\[-?\d+\])*)$")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from grain.config import (
     ConfigError,
     IngestConfig,
     PipelineConfig,
+    config_from_dict,
     fingerprint,
+    fingerprint_view,
     is_fingerprinted,
     load_config,
     save_config,
@@ -173,3 +176,63 @@ def test_a_mistyped_key_in_a_file_suggests_the_nearest_one(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match="did you mean 'steps'"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_the_paper_recipe_sets_defaults_that_explicit_keys_override(tmp_path):
+    """`recipe: paper` puts the authors' values under the config (grain/recipes/paper.yaml); what the file or --set
+    names still wins, nested arch overrides merge key by key, and only resolved values reach the fingerprints."""
+    from grain.config import recipe_values
+    from grain.stages import plan
+
+    grain_cfg = load_config()
+    paper = load_config(None, ["recipe=paper"])
+    t, e = paper.train, paper.evaluate
+    assert (t.rd_negatives, t.mask_duplicate_descriptions, t.weight_decay_groups, t.arch) == ("rank", False, "paper", "grain-tiny-paper")
+    assert t.arch_overrides["text_act"] == "quick_gelu" and t.arch_overrides["decoder"] == {"init": "xavier"}
+    assert (e.template_set, e.description_templates, e.renormalize, e.regions_global) == ("paper46", "all", False, "descriptions")
+    assert (grain_cfg.train.rd_negatives, grain_cfg.train.weight_decay_groups, grain_cfg.evaluate.template_set) == ("global", "grain", "dataset")
+    # explicit keys win, in a file and on the command line; a nested dict merges under the recipe's
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: paper\ntrain:\n  rd_negatives: global\n  arch_overrides: {decoder: {layers: 1}}\n")
+    mine = load_config(f, ["evaluate.renormalize=true"])
+    assert mine.train.rd_negatives == "global" and mine.evaluate.renormalize is True
+    assert mine.train.arch_overrides["decoder"] == {"init": "xavier", "layers": 1}
+    assert mine.train.weight_decay_groups == "paper"
+    # the recipe name itself is not fingerprinted: writing out its values gives the same stage folders
+    spelled = {"train": recipe_values("paper")["train"], "evaluate": recipe_values("paper")["evaluate"]}
+    same = config_from_dict(spelled)
+    assert plan(same, "train").out == plan(paper, "train").out != plan(grain_cfg, "train").out
+    assert fingerprint_view(same.evaluate) == fingerprint_view(paper.evaluate) != fingerprint_view(grain_cfg.evaluate)
+    with pytest.raises(ConfigError, match="recipe"):
+        load_config(None, ["recipe=authors"])
+
+
+@pytest.mark.parametrize("name", ["cc3m", "cc12m"])
+def test_the_scale_configs_load_as_the_paper_recipe(name):
+    """configs/cc3m.yaml and cc12m.yaml: the paper's recipe at scale — ViT-B/16 with the paper's decoder, 35 epochs
+    with one warm-up epoch at 128 images per GPU, real describe and ground engines on GPUs."""
+    from grain.train.arch import load_arch
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    t = cfg.train
+    assert cfg.recipe == "paper" and t.rd_negatives == "rank" and cfg.evaluate.template_set == "paper46"
+    assert (t.arch, t.batch_size, t.epochs, t.warmup_epochs, t.lr, t.min_lr) == ("grain-vit-b16-paper", 128, 35, 1, 1e-3, 1e-5)
+    arch = load_arch(t.arch, t.arch_overrides)
+    assert arch["decoder"]["query_type"] == "learned" and arch["decoder"]["num_region_queries"] == 5
+    assert arch["vision_cfg"]["patch_size"] == 16 and arch["vision_cfg"]["no_ln_pre"] is True
+    assert (cfg.describe.engine, cfg.ground.engine, cfg.ground.device) == ("vllm", "owlv2", "cuda")
+    assert "/" in cfg.describe.model and cfg.ground.model == "google/owlv2-base-patch16-ensemble"
+    assert cfg.ingest.source == "webdataset" and name in cfg.ingest.path
+    # 2 nodes x 8 GPUs on CC3M's 2.8M images: 1,368 steps per epoch
+    sched = t.schedule(2_800_000, 16)
+    assert (sched.steps, sched.warmup_steps) == (math.ceil(35 * 2_800_000 / 2048), math.ceil(2_800_000 / 2048))
+
+
+def test_epochs_set_the_step_count_from_the_samples():
+    t = load_config(None, ["train.epochs=2.5", "train.warmup_epochs=0.5", "train.batch_size=8"]).train
+    assert (t.schedule(100, 1).steps, t.schedule(100, 1).warmup_steps) == (32, 7)  # ceil(2.5·100/8), ceil(0.5·100/8)
+    assert t.schedule(100, 2).steps == 16
+    plain = load_config(None, ["train.steps=40"]).train
+    assert plain.schedule(100, 1) == plain  # no epochs: steps as given
+    with pytest.raises(ConfigError, match="warmup_epochs needs train.epochs"):
+        load_config(None, ["train.warmup_epochs=1"])

@@ -61,6 +61,7 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path):
     wheel = next(dist.glob("grain-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "grain/stages.py" in names and "grain/train/archs/grain-tiny.json" in names
+    assert "grain/recipes/paper.yaml" in names  # the paper recipe ships with the package
     leaked = [n for n in names if any(t in n for t in TEST_ONLY)]
     assert not leaked, f"test-only code in the wheel: {leaked}"
 

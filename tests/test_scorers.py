@@ -130,3 +130,61 @@ def test_swap_task_counts_wins_and_half_ties():
     assert out[("swap", "descriptors")]["acc"] == 0.5 and out[("swap", "composed")]["acc"] == 0.5
     for scorer in ("bind", "max"):
         assert out[("swap", f"regions-{scorer}@0")] == {"acc": 0.5, "n": 2}
+
+
+def test_template_ensemble_and_unnormalised_class_means_as_the_authors_score():
+    """evaluate.template_set paper46 + description_templates all: a class's global embedding averages every
+    template × every descriptor sentence (46 × D strings encoded); renormalize false keeps that mean's length, which
+    changes the ranking whenever classes' prompts disagree by different amounts. Labels are made the un-normalised
+    scorer's own answers, so it scores 100 % and the re-normalised one must not."""
+    import zlib
+    from types import SimpleNamespace
+
+    from grain.evaluate.descriptors import PAPER_TEMPLATES, descriptor_sentence
+    from grain.evaluate.run import score_dataset
+
+    dim = 8
+
+    def vec(t: str) -> torch.Tensor:
+        return F.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))), dim=0)
+
+    requested: list[str] = []
+
+    def text(texts):
+        requested.extend(texts)
+        return torch.stack([vec(t) for t in texts]) if texts else torch.zeros(0, dim)
+
+    classes = ["wug", "blick", "dax"]
+    descriptors = {"wug": ["a red head"], "blick": ["a blue tail", "long legs", "a green beak", "small eyes"],
+                   "dax": ["a white body", "a black wing"]}
+    image = F.normalize(torch.randn(300, dim, generator=torch.Generator().manual_seed(3)), dim=-1)
+
+    def expected(templates: list[str], renormalize: bool) -> torch.Tensor:
+        rows = []
+        for c in classes:
+            m = torch.stack([vec(descriptor_sentence(c, d, t)) for d in descriptors[c] for t in templates]).mean(0)
+            rows.append(F.normalize(m, dim=0) if renormalize else m)
+        return image @ torch.stack(rows).T
+
+    authors = expected(list(PAPER_TEMPLATES), renormalize=False)
+    labels = authors.argmax(dim=1)
+    data = SimpleNamespace(classnames=classes, templates=["a photo of a {c}."], labels=labels.tolist(), descriptor_pool="mean")
+
+    def top1(**settings) -> float:
+        requested.clear()
+        cfg = EvalConfig(modes=["names", "descriptions"], **settings)
+        out = score_dataset(cfg, SimpleNamespace(mode="clip"), text, data, {"image_embed": image}, descriptors)
+        return out[("classification", "descriptions")]["acc1"]
+
+    assert top1(template_set="paper46", description_templates="all", renormalize=False) == 1.0
+    sentences = {descriptor_sentence(c, d, t) for c in classes for d in descriptors[c] for t in PAPER_TEMPLATES}
+    assert len(sentences) == 46 * 7 and sentences <= set(requested)
+    renormalised = top1(template_set="paper46", description_templates="all", renormalize=True)
+    assert renormalised < 1.0
+    assert abs(renormalised - float((expected(list(PAPER_TEMPLATES), True).argmax(1) == labels).double().mean())) < 1e-9
+    # grain's default: DCLIP's one template, the dataset's own; no template of the 46 is encoded
+    top1()
+    named = {t for t in requested if any(c in t for c in classes)}
+    assert named == {f"a photo of a {c}." for c in classes} | {descriptor_sentence(c, d) for c in classes for d in descriptors[c]}
+    assert len(PAPER_TEMPLATES) == len(set(PAPER_TEMPLATES)) == 46 and all("{c}" in t for t in PAPER_TEMPLATES)
+    assert not any("bird" in t for t in PAPER_TEMPLATES)

@@ -269,6 +269,26 @@ def test_every_mode_trains(world, tmp_path, mode):
     assert result.bad_steps == 0 and load_model(tmp_path / mode / "model").mode == mode
 
 
+def test_the_paper_recipe_trains_for_its_epochs(world, tmp_path):
+    """The `paper` recipe's train section end to end (paper decoder, QuickGELU text tower, timm ViT init, xavier
+    decoder, per-rank L_rd, the authors' decay groups) with the step count worked out from train.epochs."""
+    from open_clip.transformer import QuickGELU
+
+    from grain.config import load_config
+
+    recipe = load_config(None, ["recipe=paper"]).train.model_dump()
+    cfg = TrainConfig(**{**recipe, "epochs": 0.25, "warmup_epochs": 0.1, "steps": 1000, "batch_size": 16, "log_every": 1,
+                         "checkpoint_every": 100, "num_workers": 1})
+    result = _run(world, tmp_path / "paper", cfg)
+    assert result.steps == math.ceil(0.25 * 512 / 16) == 8 and result.bad_steps == 0
+    lrs = [m["lr"] for m in _metrics(tmp_path / "paper")]
+    assert lrs[3] > lrs[2] and lrs[-1] < lrs[4]  # warm-up of ceil(0.1 · 32) = 4 steps, then the cosine decay
+    model = load_model(tmp_path / "paper" / "model")
+    assert model.arch["decoder"]["query_type"] == "learned" and model.arch["decoder"]["init"] == "xavier"
+    assert any(isinstance(m, QuickGELU) for m in model.clip.transformer.modules())
+    assert {k for k in _metrics(tmp_path / "paper")[-1] if k.startswith("loss_")} == {"loss_ic", "loss_bbox", "loss_giou", "loss_rd"}
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
