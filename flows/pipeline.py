@@ -221,7 +221,9 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
     skipped = [s for s in stages.STAGES if s not in summaries]
     lines = ["# grain pipeline report", "",
              f"workdir `{stages.workdir_path(cfg)}`; ingest `{cfg.ingest.source}`; describe `{cfg.describe.engine}`; "
-             f"ground `{cfg.ground.engine}`; train `{cfg.train.mode}` / `{cfg.train.arch}` × {cfg.train.steps} steps; "
+             f"ground `{cfg.ground.engine}`; train `{cfg.train.mode}` / `{cfg.train.arch}` × "
+             f"{f'{cfg.train.epochs:g} epochs' if cfg.train.epochs else f'{cfg.train.steps} steps'}"
+             f"{'' if cfg.recipe == 'grain' else f' (recipe `{cfg.recipe}`)'}; "
              f"total {seconds:.1f} s", "", "| stage | output | this run | counts |", "|---|---|---|---|"]
     for name, st in summaries.items():
         counts = {k: st[k] for k in ("steps", "bad_steps", "encoded", "cached") if k in st}

@@ -212,11 +212,13 @@ def test_resume_with_fewer_gpus_visible_than_saved(world, tmp_path, monkeypatch)
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
-def test_grad_accumulation_is_exact(world):
-    """grad_accum=k keeps the contrastive batch whole: same gradient as one pass over the batch (dropout off)."""
+@pytest.mark.parametrize("rd_negatives", ["global", "rank"])
+def test_grad_accumulation_is_exact(world, rd_negatives):
+    """grad_accum=k keeps the contrastive batch whole: same gradient as one pass over the batch (dropout off) — also
+    with per-rank L_rd negatives (simulated ranks of 5 images, across the micro-batches of 4)."""
     torch.manual_seed(0)
     model = build_model("grain-tiny", decoder={"dropout": 0.0})
-    crit = GrainCriterion("grain", TrainConfig().weights)
+    crit = GrainCriterion.from_config(TrainConfig(rd_negatives=rd_negatives, rd_rank_images=5 if rd_negatives == "rank" else None))
     with TrainLoader(world.samples, world.descriptions, world.regions, batch_size=12, image_size=64,
                      context_length=model.context_length, seed=3, num_workers=1) as loader:
         batch = next(iter(loader))
