@@ -24,7 +24,7 @@ from grain.evaluate.zeroshot import (
     per_descriptor_embeddings,
     pooled_logits,
     raw_descriptor_embeddings,
-    score_regions,
+    region_scores_all,
     waffle_descriptors,
 )
 from grain.stages import EVAL_RESULTS_FILE, EVAL_SUMMARY_FILE, EVAL_TABLE_FILE, eval_cache_dir, model_key, synthetic_eval_samples
@@ -282,8 +282,9 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
         else:
             per_class = [text(a) if a else text([fill_template(template, c)]) for c, a in zip(data.classnames, aligned)]
             glob = {"descriptions": desc_logits, "descriptors": raw_logits, "names": image @ names.T}[cfg.regions_global]
-            for scorer in cfg.region_scorers:
-                region = score_regions(scorer, emb["region_embed"], emb.get("boxes"), per_class, cfg.bind_window, pool)
+            scored = region_scores_all(emb["region_embed"], emb.get("boxes"), per_class, cfg.region_scorers,
+                                       cfg.bind_window, pool, cfg.score_memory_mb * 2**20)
+            for scorer, region in scored.items():
                 for alpha in cfg.alphas:
                     out[("classification", f"regions-{scorer}@{alpha:g}")] = classification_metrics(
                         alpha * glob + (1 - alpha) * region, labels)
@@ -312,12 +313,12 @@ def swap_task(cfg: EvalConfig, text: TextEncoder, emb: dict[str, torch.Tensor],
         out[("swap", "composed")] = _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))
     if "region_embed" in emb and "regions" in cfg.modes:
         regions, boxes = emb["region_embed"], emb.get("boxes")
+        per_image = [region_scores_all(regions[i : i + 1], None if boxes is None else boxes[i : i + 1],
+                                       [text(t), text(f)], cfg.region_scorers, cfg.bind_window,
+                                       budget=cfg.score_memory_mb * 2**20)
+                     for i, (t, f) in enumerate(pairs)]
         for scorer in cfg.region_scorers:
-            both = torch.stack([
-                score_regions(scorer, regions[i : i + 1], None if boxes is None else boxes[i : i + 1],
-                              [text(t), text(f)], cfg.bind_window)[0]
-                for i, (t, f) in enumerate(pairs)
-            ]) if pairs else torch.zeros(0, 2)
+            both = torch.cat([r[scorer] for r in per_image]) if pairs else torch.zeros(0, 2)
             out[("swap", f"regions-{scorer}@0")] = _pair_accuracy(both[:, 0], both[:, 1])
     return out
 

@@ -240,6 +240,8 @@ def _vocab_words() -> list[str]:
 
 
 REGION_SCORERS = ("bind", "max", "paper")
+#: Working memory of the region scorers (bytes): the similarity block of a chunk of images and bind's buffers.
+DEFAULT_SCORE_BYTES = 256 * 2**20
 
 
 def raw_descriptor_embeddings(text: TextEncoder, descriptors: Sequence[Sequence[str]],
@@ -260,31 +262,22 @@ def _owners(class_descriptor_embeds: Sequence[Tensor]) -> tuple[Tensor, Tensor, 
     return flat, owners, sizes
 
 
-def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor], chunk: int = 256) -> Tensor:
+def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor]) -> Tensor:
     """The ``paper`` scorer, [N,C]: for class c, the mean over the Q region queries of the max cosine to c's
-    descriptor embeddings.
+    descriptor embeddings (:func:`region_scores_all`).
 
     region_embed [N,Q,D] normalised; class_descriptor_embeds: C tensors [n_c,D] (n_c ≥ 1), normalised.
     """
-    n = region_embed.shape[0]
-    flat, owners, sizes = _owners(class_descriptor_embeds)
-    out = torch.empty(n, len(sizes))
-    for start in range(0, n, chunk):
-        sim = region_embed[start : start + chunk] @ flat.T  # [n,Q,ΣN_c]
-        best = torch.full((sim.shape[0], sim.shape[1], len(sizes)), float("-inf"))
-        best = best.scatter_reduce(2, owners.expand(sim.shape[0], sim.shape[1], -1), sim, reduce="amax")
-        out[start : start + chunk] = best.mean(dim=1)
-    return out
+    return region_scores_all(region_embed, None, class_descriptor_embeds, ("paper",))["paper"]
 
 
 def pool_descriptors(scores: Tensor, owners: Tensor, sizes: Sequence[int], pool: str = "mean") -> Tensor:
     """``scores [..., ΣN_c]`` (one per descriptor, classes in order) → ``[..., C]``: the mean over each class's
     descriptors (they describe parts of one object), or their max (``pool="max"``: they are alternatives — e.g.
     one sentence per photo of the category — and the best-matching one counts)."""
-    if pool == "mean":
-        mean_over = torch.zeros(scores.shape[-1], len(sizes), dtype=scores.dtype)
-        mean_over[torch.arange(scores.shape[-1]), owners] = 1.0 / torch.tensor(sizes, dtype=scores.dtype)[owners]
-        return scores @ mean_over
+    if pool == "mean":  # a segmented sum (ΣN_c additions per row, not the ΣN_c × C of a dense averaging matmul)
+        total = torch.zeros((*scores.shape[:-1], len(sizes)), dtype=scores.dtype).index_add_(-1, owners, scores)
+        return total / torch.tensor(sizes, dtype=scores.dtype)
     if pool == "max":
         out = torch.full((*scores.shape[:-1], len(sizes)), float("-inf"), dtype=scores.dtype)
         return out.scatter_reduce(-1, owners.expand(*scores.shape[:-1], -1), scores, reduce="amax")
@@ -300,31 +293,81 @@ def pooled_logits(image: Tensor, class_descriptor_embeds: Sequence[Tensor], pool
 
 
 def bound_region_scores(region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
-                        window: float = 1.0, budget: int = 2**25, pool: str = "mean") -> Tensor:
-    """The ``bind`` scorer (``max`` when ``boxes`` is None), [N,C].
+                        window: float = 1.0, budget: int = DEFAULT_SCORE_BYTES, pool: str = "mean") -> Tensor:
+    """The ``bind`` scorer (``max`` when ``boxes`` is None), [N,C] (:func:`region_scores_all`).
 
     For class c and anchor query a: the mean (``pool="max"``: the max) over c's descriptors of the max cosine over
     the queries q whose predicted box centre is within ``window`` × a's box width/height of a's centre
     (|cx_q − cx_a| ≤ window·w_a and |cy_q − cy_a| ≤ window·h_a; a itself always counts); the class score is the
     max over anchors. region_embed [N,Q,D] and the descriptor embeddings normalised; boxes [N,Q,4] (cx, cy, w, h).
+    ``budget``: bytes of working memory (:func:`region_scores_all`).
     """
+    scorer = "max" if boxes is None else "bind"
+    return region_scores_all(region_embed, boxes, class_descriptor_embeds, (scorer,), window, pool, budget)[scorer]
+
+
+def _chunking(q: int, s: int, scorers: Sequence[str], budget: int) -> tuple[int, int]:
+    """(images per chunk, anchors per block) so that a chunk's float32 working set stays within ``budget`` bytes:
+    the similarity [n,Q,S] plus, for bind, a running max and a candidate [n,anchors,S]."""
+    per_sim = 4 * q * s
+    if "bind" not in scorers:
+        return max(1, budget // max(1, per_sim)), q
+    anchors = q if 3 * per_sim <= budget else max(1, (budget - per_sim) // max(1, 8 * s))
+    anchors = min(q, anchors)
+    return max(1, budget // max(1, per_sim + 8 * anchors * s)), anchors
+
+
+def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
+                      scorers: Sequence[str] = REGION_SCORERS, window: float = 1.0, pool: str = "mean",
+                      budget: int = DEFAULT_SCORE_BYTES) -> dict[str, Tensor]:
+    """Every scorer of ``scorers`` (``paper``, ``max``, ``bind``; see :func:`score_regions`) as ``{name: [N,C]}``,
+    from one pass over chunks of images: the region–descriptor cosines of a chunk are computed once and shared.
+
+    Memory is bounded by ``budget`` bytes (plus the [N,C] results), whatever N, Q or the number of descriptors:
+    chunks are sized by bytes, ``bind`` keeps a running max per anchor (blocks of anchors when one image's would
+    not fit) and masks queries by adding 0 or −∞ into a reused buffer instead of materialising [Q,Q,S] copies, and
+    a class's descriptors are pooled by a segmented sum (:func:`pool_descriptors`). ``boxes`` [N,Q,4] is needed by
+    ``bind`` only.
+    """
+    unknown = [k for k in scorers if k not in REGION_SCORERS]
+    if unknown:
+        raise ValueError(f"unknown region scorer {unknown[0]!r}; one of {', '.join(REGION_SCORERS)}")
+    if pool not in ("mean", "max"):
+        raise ValueError(f"descriptor pool must be 'mean' or 'max', got {pool!r}")
     n, q = region_embed.shape[:2]
     flat, owners, sizes = _owners(class_descriptor_embeds)
-    c = len(sizes)
-    if boxes is None:
-        sim = region_embed @ flat.T  # [N,Q,ΣN_c]
-        return pool_descriptors(sim.amax(dim=1), owners, sizes, pool)
-    out = torch.empty(n, c)
-    chunk = max(1, budget // max(1, q * q * flat.shape[0]))
+    if "bind" in scorers and boxes is None:
+        raise ValueError("the bind scorer needs the region queries' boxes")
+    s, c = flat.shape[0], len(sizes)
+    flat_t = flat.float().T.contiguous()  # [D,S]
+    out = {k: torch.empty(n, c) for k in dict.fromkeys(scorers)}
+    chunk, anchors = _chunking(q, s, list(out), budget)
+    eye = torch.eye(q, dtype=torch.bool)
     for start in range(0, n, chunk):
-        sim = region_embed[start : start + chunk] @ flat.T  # [n,Q,ΣN_c]
-        b = boxes[start : start + chunk].float()
-        centres, extent = b[..., :2], window * b[..., 2:]
-        near = ((centres[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, :, None, :]).all(dim=-1)  # [n,A,Q]
-        near |= torch.eye(q, dtype=torch.bool)
-        masked = sim[:, None, :, :].masked_fill(~near[..., None], float("-inf"))  # [n,A,Q,ΣN_c]
-        per_anchor = pool_descriptors(masked.amax(dim=2), owners, sizes, pool)  # [n,A,C]
-        out[start : start + chunk] = per_anchor.amax(dim=1)
+        stop = min(n, start + chunk)
+        sim = region_embed[start:stop].float() @ flat_t  # [m,Q,S]: the one similarity every scorer reads
+        m = sim.shape[0]
+        if "paper" in out:  # per query the best descriptor of each class, then the mean over queries
+            best = torch.full((m, q, c), float("-inf")).scatter_reduce_(2, owners.expand(m, q, s), sim, reduce="amax")
+            out["paper"][start:stop] = best.mean(dim=1)
+        if "max" in out:
+            out["max"][start:stop] = pool_descriptors(sim.amax(dim=1), owners, sizes, pool)
+        if "bind" in out:
+            b = boxes[start:stop].float()  # type: ignore[index]
+            centres, extent = b[..., :2], window * b[..., 2:]
+            near = ((centres[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, :, None, :]).all(dim=-1)  # [m,A,Q]
+            near |= eye
+            bias = torch.zeros(m, q, q).masked_fill_(~near, float("-inf"))  # 0 where query j may answer for anchor a
+            result = torch.full((m, c), float("-inf"))
+            for a0 in range(0, q, anchors):
+                a1 = min(q, a0 + anchors)
+                best = torch.full((m, a1 - a0, s), float("-inf"))
+                cand = torch.empty_like(best)
+                for j in range(q):  # running max over the queries near each anchor, in place
+                    torch.add(sim[:, None, j, :], bias[:, a0:a1, j, None], out=cand)
+                    torch.maximum(best, cand, out=best)
+                torch.maximum(result, pool_descriptors(best, owners, sizes, pool).amax(dim=1), out=result)
+            out["bind"][start:stop] = result
     return out
 
 
@@ -332,10 +375,4 @@ def score_regions(scorer: str, region_embed: Tensor, boxes: Tensor | None, class
                   bind_window: float = 1.0, pool: str = "mean") -> Tensor:
     """[N,C] region scores of one of ``REGION_SCORERS``; ``pool`` combines a class's descriptors in ``bind`` and
     ``max`` (:func:`pool_descriptors`; ``paper`` takes the max over descriptors by definition)."""
-    if scorer == "paper":
-        return region_scores(region_embed, class_descriptor_embeds)
-    if scorer == "max":
-        return bound_region_scores(region_embed, None, class_descriptor_embeds, pool=pool)
-    if scorer == "bind":
-        return bound_region_scores(region_embed, boxes, class_descriptor_embeds, bind_window, pool=pool)
-    raise ValueError(f"unknown region scorer {scorer!r}; one of {', '.join(REGION_SCORERS)}")
+    return region_scores_all(region_embed, boxes, class_descriptor_embeds, (scorer,), bind_window, pool)[scorer]

@@ -63,6 +63,51 @@ def test_scorers_equal_naive_loops():
     assert torch.allclose(score_regions("max", regions, boxes, descs), full, atol=1e-6)
 
 
+def _previous_scorers(regions, boxes, descs, window, pool):
+    """The scorers as they were before the single-pass rewrite (one scorer per call, a dense [N,A,Q,S] mask and a
+    dense averaging matmul), kept as the reference the rewrite must equal."""
+    flat = torch.cat(descs)
+    sizes = [d.shape[0] for d in descs]
+    owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    q = regions.shape[1]
+
+    def pool_(x):
+        if pool == "mean":
+            mean_over = torch.zeros(flat.shape[0], len(sizes))
+            mean_over[torch.arange(flat.shape[0]), owners] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[owners]
+            return x @ mean_over
+        return torch.full((*x.shape[:-1], len(sizes)), float("-inf")).scatter_reduce(-1, owners.expand(*x.shape[:-1], -1), x, reduce="amax")
+
+    sim = regions @ flat.T
+    best = torch.full((*sim.shape[:2], len(sizes)), float("-inf")).scatter_reduce(2, owners.expand(*sim.shape[:2], -1), sim, reduce="amax")
+    centres, extent = boxes[..., :2], window * boxes[..., 2:]
+    near = ((centres[:, None] - centres[:, :, None]).abs() <= extent[:, :, None]).all(-1) | torch.eye(q, dtype=torch.bool)
+    masked = sim[:, None].masked_fill(~near[..., None], float("-inf"))
+    return {"paper": best.mean(1), "max": pool_(sim.amax(1)), "bind": pool_(masked.amax(2)).amax(1)}
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+@pytest.mark.parametrize("seed,q,classes", [(5, 5, (8, 8, 7, 9)), (6, 16, (1, 3, 12)), (7, 33, (2, 2, 2, 2, 2))])
+def test_single_pass_scorers_equal_the_previous_implementation_at_any_budget(pool, seed, q, classes):
+    """region_scores_all: every scorer from one similarity pass equals the previous per-scorer implementation to
+    1e-6, whatever the working-memory budget (one image and one anchor per block, or everything at once)."""
+    from grain.evaluate.zeroshot import _chunking, region_scores_all
+
+    regions, boxes, descs = _random_case(seed=seed, n=9, q=q, d=16, classes=classes)
+    want = _previous_scorers(regions, boxes, descs, 0.4, pool)
+    s = sum(classes)
+    for budget in (1, 4 * q * s + 8 * s, 3 * 4 * q * s, 2**30):
+        got = region_scores_all(regions, boxes, descs, ("bind", "max", "paper"), 0.4, pool, budget)
+        for k in want:
+            assert torch.allclose(got[k], want[k], atol=1e-6), (k, budget, float((got[k] - want[k]).abs().max()))
+    assert _chunking(q, s, ["bind"], 1) == (1, 1)  # the smallest budget: one image, one anchor at a time
+    assert _chunking(q, s, ["max", "paper"], 2**30)[0] > 9
+    with pytest.raises(ValueError, match="needs the region queries' boxes"):
+        region_scores_all(regions, None, descs, ("bind",))
+    with pytest.raises(ValueError, match="unknown region scorer"):
+        region_scores_all(regions, boxes, descs, ("best",))
+
+
 def test_max_pool_scores_a_class_by_its_best_descriptor():
     """descriptor_pool max (descriptors that are alternatives): every scorer and the global modes take the best
     descriptor of a class instead of the mean."""
