@@ -17,6 +17,7 @@ from grain.contracts import EVAL_SCHEMA, rows_to_table
 from grain.evaluate.datasets import fill_template
 from grain.evaluate.zeroshot import (
     EmbeddingCache,
+    TextCache,
     TextEncoder,
     descriptor_embeddings,
     encode_images,
@@ -44,6 +45,8 @@ class EvalResult:
     encoded: int = 0  # datasets whose images had to be encoded (cache misses)
     cached: int = 0
     seconds: float = 0.0
+    texts_encoded: int = 0  # strings run through the text tower (the rest came from the text cache or the memo)
+    texts_cached: int = 0  # distinct strings read from the on-disk text cache
 
 
 def _device(pref: str) -> torch.device:
@@ -156,8 +159,9 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     device = _device(cfg.device)
     model = load_model(model_dir, device=device)
     key = model_key(model_dir)
-    cache = EmbeddingCache(Path(cache_dir) if cache_dir else eval_cache_dir(workdir), key)
-    text = TextEncoder(model, device)
+    cache_root = Path(cache_dir) if cache_dir else eval_cache_dir(workdir)
+    cache = EmbeddingCache(cache_root, key)
+    text = TextEncoder(model, device, cache=TextCache(cache_root, key))
     result = EvalResult(out_dir, [])
     base = synthetic or SyntheticConfig()
 
@@ -175,9 +179,10 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
         work += [(ds, data, descriptor_json) for data in sets]
     for ds, data, descriptor_json in work:
         emb, hit = cache.get_or_compute(
-            data.fingerprint,
+            data.fingerprint + ("" if cfg.cache_dtype == "float32" else "-fp16"),
             lambda data=data: encode_images(model, len(data.keys), data.load, batch_size=cfg.batch_size,
-                                            device=device, progress=progress, desc=ds.name, keys=data.locations()),
+                                            device=device, progress=progress, desc=ds.name, keys=data.locations(),
+                                            region_dtype=getattr(torch, cfg.cache_dtype)),
             required=("boxes",) if model.uses_decoder else (),
         )
         result.cached += int(hit)
@@ -204,10 +209,12 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir,
                                                       model_info(model_dir), result.datasets))
     result.seconds = time.perf_counter() - t0
+    result.texts_encoded, result.texts_cached = text.encoded, text.cached
     write_json_atomic(out_dir / EVAL_SUMMARY_FILE, {"model": str(model_dir), "model_hash": key, "rows": len(result.rows),
                                                   "model_info": model_info(model_dir), "datasets": result.datasets,
                                                   "skipped": result.skipped, "seconds": result.seconds,
-                                                  "cache_hits": result.cached, "encoded": result.encoded})
+                                                  "cache_hits": result.cached, "encoded": result.encoded,
+                                                  "texts_encoded": text.encoded, "texts_cached": text.cached})
     return result
 
 
@@ -218,6 +225,7 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
     Shared by the evaluate stage and the in-training probe (``train.eval_every``).
     """
     from grain.evaluate.descriptors import PAPER_TEMPLATES, align_descriptors, composed_sentence
+    from grain.evaluate.zeroshot import description_sentences
     from grain.evaluate.metrics import classification_metrics, retrieval_metrics
 
     out: dict[Any, Any] = {"skipped": []}
@@ -230,9 +238,14 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
     labels = torch.as_tensor(data.labels)
     templates = list(PAPER_TEMPLATES) if cfg.template_set == "paper46" else list(data.templates)
     renorm = cfg.renormalize
-    names = names_embeddings(text, data.classnames, templates, renorm)
-    if "names" in cfg.modes:
-        out[("classification", "names")] = classification_metrics(image @ names.T, labels)
+    modes = set(cfg.modes)
+    has_regions = "region_embed" in emb
+    regions_on = "regions" in modes and has_regions
+    glob_mode = cfg.regions_global if regions_on else None  # the global score the regions modes mix in
+    name_prompts = [fill_template(t, c) for c in data.classnames for t in templates]
+    if "names" in modes:
+        text(name_prompts)  # every class in one batched call (the memo serves the per-class lookups)
+        out[("classification", "names")] = classification_metrics(image @ names_embeddings(text, data.classnames, templates, renorm).T, labels)
     needs_desc = [m for m in cfg.modes if m in ("descriptions", "descriptors", "composed", "waffle", "regions")]
     if needs_desc and descriptor_json is None:
         out["skipped"].append(f"{', '.join(needs_desc)} skipped (no descriptor file; set evaluate.datasets[].descriptors)")
@@ -244,30 +257,44 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
     template = templates[0]
     sentence_templates = templates if cfg.description_templates == "all" else [template]
     pool = getattr(data, "descriptor_pool", "mean")
-    if pool == "mean":
+    want_desc = "descriptions" in modes or glob_mode == "descriptions"
+    want_raw = "descriptors" in modes or glob_mode == "descriptors"
+    want_names = glob_mode == "names" or (want_desc and any(not a for a in aligned))  # names: the fallback too
+    raw = [a if a else [fill_template(template, c)] for c, a in zip(data.classnames, aligned)]
+    lengths = [len(a) for a in aligned if a]
+    waffle = (waffle_descriptors(data.classnames, cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1))),
+                                 cfg.waffle_seed) if "waffle" in modes else [])
+    # Every string the asked modes need, encoded in one batched call; prompts of modes not asked are not encoded.
+    todo: list[str] = list(name_prompts) if want_names else []
+    if want_desc:
+        todo += [x for c, a in zip(data.classnames, aligned) if a for x in description_sentences(c, a, sentence_templates)]
+    if want_raw or regions_on:
+        todo += [x for r in raw for x in r]
+    if "composed" in modes:
+        todo += [composed_sentence(a) if a else fill_template(template, c) for c, a in zip(data.classnames, aligned)]
+    todo += [x for c, w in zip(data.classnames, waffle) for x in description_sentences(c, w, sentence_templates)]
+    text(todo)
+    names = names_embeddings(text, data.classnames, templates, renorm) if want_names else None
+    desc_logits = raw_logits = None
+    if want_desc and pool == "mean":
         desc_classes = descriptor_embeddings(text, data.classnames, aligned, sentence_templates, fallback=names,
                                              renormalize=renorm)
         desc_logits = image @ desc_classes.T
-    else:  # the descriptors are alternatives: a class scores its best-matching one
+    elif want_desc:  # the descriptors are alternatives: a class scores its best-matching one
         desc_logits = pooled_logits(image, [per_descriptor_embeddings(text, c, a, sentence_templates, renorm)
-                                            if a else names[i:i + 1]
+                                            if a else names[i:i + 1]  # type: ignore[index]
                                             for i, (c, a) in enumerate(zip(data.classnames, aligned))], pool)
-    raw_logits = None
-    if "descriptors" in cfg.modes or cfg.regions_global == "descriptors":
-        raw = [a if a else [fill_template(template, c)] for c, a in zip(data.classnames, aligned)]
+    if want_raw:
         raw_logits = (image @ raw_descriptor_embeddings(text, raw, renorm).T if pool == "mean"
                       else pooled_logits(image, [text(list(r)) for r in raw], pool))
-    if "descriptions" in cfg.modes:
+    if "descriptions" in modes:
         out[("classification", "descriptions")] = classification_metrics(desc_logits, labels)
-    if "descriptors" in cfg.modes:
+    if "descriptors" in modes:
         out[("classification", "descriptors")] = classification_metrics(raw_logits, labels)
-    if "composed" in cfg.modes:
+    if "composed" in modes:
         composed = text([composed_sentence(a) if a else fill_template(template, c) for c, a in zip(data.classnames, aligned)])
         out[("classification", "composed")] = classification_metrics(image @ composed.T, labels)
-    if "waffle" in cfg.modes:
-        lengths = [len(a) for a in aligned if a]
-        count = cfg.waffle_count or max(1, round(sum(lengths) / max(len(lengths), 1)))
-        waffle = waffle_descriptors(data.classnames, count, cfg.waffle_seed)
+    if "waffle" in modes:
         if pool == "mean":
             waffle_logits = image @ descriptor_embeddings(text, data.classnames, waffle, sentence_templates,
                                                           renormalize=renorm).T
@@ -275,19 +302,18 @@ def score_dataset(cfg: EvalConfig, model: Any, text: TextEncoder, data: Any, emb
             waffle_logits = pooled_logits(image, [per_descriptor_embeddings(text, c, w, sentence_templates, renorm)
                                                   for c, w in zip(data.classnames, waffle)], pool)
         out[("classification", "waffle")] = classification_metrics(waffle_logits, labels)
-    has_regions = "region_embed" in emb
-    if "regions" in cfg.modes:
-        if not has_regions:
-            out["skipped"].append(f"regions skipped (model mode {model.mode!r} has no region queries)")
-        else:
-            per_class = [text(a) if a else text([fill_template(template, c)]) for c, a in zip(data.classnames, aligned)]
-            glob = {"descriptions": desc_logits, "descriptors": raw_logits, "names": image @ names.T}[cfg.regions_global]
-            scored = region_scores_all(emb["region_embed"], emb.get("boxes"), per_class, cfg.region_scorers,
-                                       cfg.bind_window, pool, cfg.score_memory_mb * 2**20)
-            for scorer, region in scored.items():
-                for alpha in cfg.alphas:
-                    out[("classification", f"regions-{scorer}@{alpha:g}")] = classification_metrics(
-                        alpha * glob + (1 - alpha) * region, labels)
+    if "regions" in modes and not has_regions:
+        out["skipped"].append(f"regions skipped (model mode {model.mode!r} has no region queries)")
+    elif regions_on:
+        per_class = [text(r) for r in raw]
+        glob = {"descriptions": desc_logits, "descriptors": raw_logits,
+                "names": None if names is None else image @ names.T}[cfg.regions_global]
+        scored = region_scores_all(emb["region_embed"], emb.get("boxes"), per_class, cfg.region_scorers,
+                                   cfg.bind_window, pool, cfg.score_memory_mb * 2**20)
+        for scorer, region in scored.items():
+            for alpha in cfg.alphas:
+                out[("classification", f"regions-{scorer}@{alpha:g}")] = classification_metrics(
+                    alpha * glob + (1 - alpha) * region, labels)
     if getattr(data, "swap", None):
         out.update(swap_task(cfg, text, emb, data.swap))
     return out
@@ -302,12 +328,16 @@ def swap_task(cfg: EvalConfig, text: TextEncoder, emb: dict[str, torch.Tensor],
     ``acc`` counts a tie as half (chance 50 %).
     """
     image = emb["image_embed"]
+    from grain.evaluate.descriptors import composed_sentence
+
+    strings = [x for t, f in pairs for x in (*t, *f)]
+    if "composed" in cfg.modes:
+        strings += [composed_sentence(x) for t, f in pairs for x in (t, f)]
+    text(strings)  # one batched call; the per-pair lookups below are served from the memo
     truth = raw_descriptor_embeddings(text, [t for t, _ in pairs])
     foil = raw_descriptor_embeddings(text, [f for _, f in pairs])
     out = {("swap", "descriptors"): _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))}
     if "composed" in cfg.modes:  # one sentence per description list: can the global embedding bind through text?
-        from grain.evaluate.descriptors import composed_sentence
-
         truth = text([composed_sentence(t) for t, _ in pairs])
         foil = text([composed_sentence(f) for _, f in pairs])
         out[("swap", "composed")] = _pair_accuracy((image * truth).sum(-1), (image * foil).sum(-1))

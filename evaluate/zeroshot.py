@@ -37,6 +37,7 @@ re-encodes nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -56,16 +57,18 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = False, desc: str = "images",
-                  keys: Sequence[str] | None = None) -> dict[str, Tensor]:
+                  keys: Sequence[str] | None = None, region_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """{"image_embed": [N,D]} (+ "region_embed": [N,Q,D] and "boxes": [N,Q,4] (cx, cy, w, h in [0, 1]) for decoder
-    models), embeddings normalised, float32 on CPU. An image that does not decode raises one ValueError naming the
-    dataset (``desc``) and the image's key (``keys[i]``, e.g. "cat/0001.jpg") or index."""
+    models), embeddings normalised, on CPU: image embeddings float32, region embeddings and boxes ``region_dtype``
+    (evaluate.cache_dtype). Every batch is written into buffers allocated once for all ``count`` images, so the
+    peak is the result plus one batch. An image that does not decode raises one ValueError naming the dataset
+    (``desc``) and the image's key (``keys[i]``, e.g. "cat/0001.jpg") or index."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     size = model.image_size
-    out: dict[str, list[Tensor]] = {"image_embed": [], "region_embed": []}
+    out: dict[str, Tensor] = {}
     bar = tqdm(total=count, desc=f"encode {desc}", unit="img", disable=not progress, dynamic_ncols=True)
 
     def one(i: int) -> np.ndarray:
@@ -81,37 +84,109 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
             idx = range(start, min(count, start + batch_size))
             arrays = list(pool.map(one, idx))
             enc = model.encode_image(torch.from_numpy(np.stack(arrays)).to(device))
-            out["image_embed"].append(enc["image_embed"].float().cpu())
-            if "region_embed" in enc:
-                out["region_embed"].append(enc["region_embed"].float().cpu())
-                out.setdefault("boxes", []).append(enc["boxes"].float().cpu())
+            for key in ("image_embed", "region_embed", "boxes"):
+                if key not in enc:
+                    continue
+                if key not in out:  # allocated once, at the first batch's shapes
+                    dtype = torch.float32 if key == "image_embed" else region_dtype
+                    out[key] = torch.empty((count, *enc[key].shape[1:]), dtype=dtype)
+                out[key][start : start + len(idx)] = enc[key].to(out[key].dtype).cpu()
             bar.update(len(idx))
     bar.close()
-    result = {"image_embed": torch.cat(out["image_embed"]) if out["image_embed"] else torch.zeros(0, 0)}
-    if out["region_embed"]:
-        result["region_embed"] = torch.cat(out["region_embed"])
-        result["boxes"] = torch.cat(out["boxes"])
-    return result
+    if "image_embed" not in out:
+        out["image_embed"] = torch.zeros(0, 0)
+    return out
 
 
 class TextEncoder:
-    """Embeds strings with the model's text tower (normalised [N,D]); memoises repeated strings."""
+    """Embeds strings with the model's text tower (normalised [N,D]); memoises repeated strings, and with a
+    :class:`TextCache` keeps every embedding on disk, so a rerun with other modes, α values or scorers encodes no
+    text. ``encoded`` counts the strings this encoder ran through the tower, ``cached`` those read from disk."""
 
-    def __init__(self, model: GrainModel, device: str | torch.device = "cpu", batch_size: int = 256) -> None:
+    def __init__(self, model: GrainModel, device: str | torch.device = "cpu", batch_size: int = 256,
+                 cache: TextCache | None = None) -> None:
         self.model, self.device, self.batch_size = model, device, batch_size
         self.tokenizer = text_tokenizer(model.context_length)
+        self.cache = cache
         self._memo: dict[str, Tensor] = {}
+        self._loaded = cache is None
+        self._on_disk: set[str] = set()  # strings read from the cache and not yet asked for
+        self.encoded = 0
+        self.cached = 0
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if not self._loaded:
+            stored = self.cache.load(self.model.arch["embed_dim"])  # type: ignore[union-attr]
+            self._memo.update(stored)
+            self._on_disk = set(stored)
+            self._loaded = True
+        wanted = list(dict.fromkeys(texts))
+        todo = [t for t in wanted if t not in self._memo]
+        served = [t for t in wanted if t in self._on_disk]
+        self._on_disk.difference_update(served)  # each string counted once
+        self.cached += len(served)
+        new: list[Tensor] = []
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             emb = self.model.encode_text(self.tokenizer(chunk).to(self.device)).float().cpu()
             self._memo.update(zip(chunk, emb))
+            new.append(emb)
+        self.encoded += len(todo)
+        if todo and self.cache is not None:
+            self.cache.add(todo, torch.cat(new))
         if not texts:
             return torch.zeros(0, self.model.arch["embed_dim"])
         return torch.stack([self._memo[t] for t in texts])
+
+
+class TextCache:
+    """``<root>/<model hash>/text/seg-*.parquet``: text embeddings of one model, keyed by the exact string.
+
+    Append-only: every batch of newly encoded strings is one Parquet segment (columns ``text``, ``embedding``
+    float32[D]) written to a temporary name and renamed when complete, so concurrent writers never collide and a
+    killed write leaves nothing that is read. A segment that does not read, or whose width is not the model's, is
+    skipped with a warning (the strings are encoded again).
+    """
+
+    def __init__(self, root: str | Path, model_key: str) -> None:
+        self.dir = Path(root) / model_key / "text"
+
+    def load(self, dim: int) -> dict[str, Tensor]:
+        import pyarrow.parquet as pq
+
+        out: dict[str, Tensor] = {}
+        for seg in sorted(self.dir.glob("seg-*.parquet")):
+            try:
+                table = pq.read_table(seg)
+                texts = table.column("text").to_pylist()
+                flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                emb = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(len(texts), -1).copy())
+            except Exception as exc:  # noqa: BLE001 - any unreadable segment is a miss, never a crash
+                log.warning("text cache segment %s does not read (%s); its strings will be encoded again", seg, exc)
+                continue
+            if emb.shape[1] != dim:
+                log.warning("text cache segment %s holds %d-wide embeddings, the model's are %d; ignored", seg,
+                            emb.shape[1], dim)
+                continue
+            out.update(zip(texts, emb))
+        return out
+
+    def add(self, texts: Sequence[str], emb: Tensor) -> None:
+        import os
+        import uuid
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        values = pa.array(emb.float().contiguous().numpy().reshape(-1), type=pa.float32())
+        table = pa.table({"text": pa.array(list(texts), type=pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1])})
+        name = f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(self.dir / name)
 
 
 class EmbeddingCache:

@@ -492,6 +492,9 @@ class EvalConfig(_Frozen):
     batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.", json_schema_extra=NOT_FINGERPRINTED)
     device: str = Field("auto", description="auto: cuda when available, else cpu.", json_schema_extra=NOT_FINGERPRINTED)
     retrieval_chunk: int = Field(1024, ge=1, description="Rows per chunk of the retrieval score matrix (bounds memory).", json_schema_extra=NOT_FINGERPRINTED)
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage of the cached region embeddings and boxes (image embeddings stay float32): "
+        "float16 halves the cache and the scorers' reads; scores are computed in float32 either way.")
     score_memory_mb: int = Field(256, ge=1, description="Working memory of the region scorers (MiB): images are scored "
                                  "in chunks sized by it, whatever N, Q and the number of descriptors.",
                                  json_schema_extra=NOT_FINGERPRINTED)

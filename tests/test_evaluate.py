@@ -76,6 +76,37 @@ def test_all_four_modes_end_to_end_and_cached(models, tmp_path):
     again = evaluate(cfg, models["grain"], tmp_path / "out2", workdir=tmp_path / "work", progress=False)
     assert again.encoded == 0 and again.cached == 2  # nothing re-encoded
     assert _by_key(again.rows) == _by_key(rows)
+    assert first.texts_encoded > 0 and again.texts_encoded == 0 and again.texts_cached == first.texts_encoded
+
+
+def test_a_rerun_with_other_alphas_or_scorers_calls_the_text_encoder_zero_times(models, tmp_path, monkeypatch):
+    """Text embeddings are cached on disk by (model, exact string): a second run with other α values, scorers or a
+    subset of the modes encodes no text and no image (the text tower is never called), and scores the same; a mode
+    that was not asked for encodes nothing of its own."""
+    from grain.train.model import GrainModel
+
+    calls: list[int] = []
+    real = GrainModel.encode_text
+
+    def counting(self, tokens):
+        calls.append(tokens.shape[0])
+        return real(self, tokens)
+
+    monkeypatch.setattr(GrainModel, "encode_text", counting)
+    work = tmp_path / "work"
+    only_names = evaluate(_cfg(modes=["names"]), models["grain"], tmp_path / "o0", workdir=work, progress=False)
+    names_strings = only_names.texts_encoded
+    assert names_strings == 20 and sum(calls) == 20  # 20 unseen classes × 1 template, one call: no descriptor encoded
+    first = evaluate(_cfg(), models["grain"], tmp_path / "o1", workdir=work, progress=False)
+    assert first.texts_encoded > 0 and first.texts_cached >= names_strings
+    calls.clear()
+    other = _cfg(alphas=[0.1, 0.9], region_scorers=["paper"], modes=["descriptors", "regions"])
+    again = evaluate(other, models["grain"], tmp_path / "o2", workdir=work, progress=False)
+    assert calls == [] and again.texts_encoded == 0 and again.encoded == 0
+    a, b = _by_key(first.rows), _by_key(again.rows)
+    shared = set(a) & set(b)
+    assert shared and all(a[k] == b[k] for k in shared)
+    assert {k[2] for k in b} == {"descriptors"} | {f"regions-paper@{x:g}" for x in (0.1, 0.9)}
 
 
 def test_descriptor_key_order_never_matters(models, tmp_path):
@@ -145,3 +176,27 @@ def test_describe_classes_cli_refuses_the_reference_engine(tmp_path):
     res = CliRunner().invoke(app, ["describe-classes", str(classes), "--out", str(tmp_path / "d.json"), "--no-progress"])
     assert res.exit_code == 2 and "grain descriptors" in res.output, res.output
     assert not (tmp_path / "d.json").exists()
+
+
+def test_region_embeddings_are_cached_in_float16_by_default(models, tmp_path):
+    """evaluate.cache_dtype float16 (default): the cache holds region embeddings and boxes in float16 and image
+    embeddings in float32, in a file apart from float32's; scores stay within float16's rounding of float32's."""
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    half = evaluate(_cfg(), models["grain"], tmp_path / "o16", workdir=work, progress=False)
+    full = evaluate(_cfg(cache_dtype="float32"), models["grain"], tmp_path / "o32", workdir=work, progress=False)
+    assert half.encoded == 2 and full.encoded == 2  # separate cache files: neither reads the other's
+    files = sorted(work.rglob("*.safetensors"))
+    by_dtype = {}
+    for f in files:
+        t = load_file(str(f))
+        assert t["image_embed"].dtype == torch.float32
+        by_dtype.setdefault(t["region_embed"].dtype, []).append(f)
+        assert t["boxes"].dtype == t["region_embed"].dtype
+    assert len(by_dtype[torch.float16]) == 2 and len(by_dtype[torch.float32]) == 2
+    assert all(f.stem.endswith("-fp16") for f in by_dtype[torch.float16])
+    a, b = _by_key(half.rows), _by_key(full.rows)
+    assert a.keys() == b.keys()
+    same = sum(a[k] == b[k] for k in a)
+    assert same >= 0.9 * len(a)  # 48 images: a flipped argmax moves a top-1 by 2.1 points; almost none flip
