@@ -233,3 +233,26 @@ def test_template_ensemble_and_unnormalised_class_means_as_the_authors_score():
     assert named == {f"a photo of a {c}." for c in classes} | {descriptor_sentence(c, d) for c in classes for d in descriptors[c]}
     assert len(PAPER_TEMPLATES) == len(set(PAPER_TEMPLATES)) == 46 and all("{c}" in t for t in PAPER_TEMPLATES)
     assert not any("bird" in t for t in PAPER_TEMPLATES)
+
+
+def test_eval_scale_bench_quick_form(tmp_path):
+    """bench/eval_scale.py --quick (the CI smoke form of the ImageNet-scale measurement): every scorer at every Q
+    in both implementations, the global modes and the encoding measurement run and land in the JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "scale.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "eval_scale.py"
+    done = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    got = {(c["q"], c["scorer"], c["impl"]) for c in report["cases"]}
+    for q in (5, 16):
+        for scorer in ("paper", "max", "bind"):
+            assert {(q, scorer, "new"), (q, scorer, "previous")} <= got
+        assert (q, "all", "new") in got
+    assert all(c["seconds_at_n"] > 0 and c["images"] >= 1 for c in report["cases"])
+    assert report["encoding"]["result_bytes_per_image"] > 0 and "| 16 | bind |" in done.stdout
