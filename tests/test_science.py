@@ -148,3 +148,28 @@ def test_quick_real_photo_benchmark_adds_its_section(tmp_path):
     assert text.index("## Synthetic binding world") < text.index("## Real photos (composite world)")
     for needle in ("**held-out categories**", "heldout (classification)", "real_accuracy_by_model.png"):
         assert needle in text, needle
+
+
+def test_quick_paper_recipe_bench_measures_every_switch(tmp_path):
+    """bench/paper_recipe.py --quick: every training switch of the paper recipe trains beside grain's default on
+    the same data, the evaluation switches are scored on the default model's own runs, and the JSON holds paired
+    differences for each (the CPU smoke form of the measurement docs/train.md reports)."""
+    out = tmp_path / "paper-recipe.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "paper_recipe.py"), "--quick", "--jobs", "1", "--out", str(out),
+           "--set", f"workdir={tmp_path / 'work'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    models = {m.name for m in load_bench(ROOT / "configs" / "bench" / "paper-recipe.yaml").models}
+    assert {"grain", "rd-rank16", "rd-rank4", "decay-paper", "mask-off", "towers-paper", "all-paper"} <= models
+    assert set(report["training"]) == models
+    assert set(report["evaluation"]) == {"grain", "templates46", "unnormalised", "paper"}
+    for section in ("training", "evaluation"):
+        for name, metrics in report[section].items():
+            assert metrics, (section, name)
+            for m in metrics.values():
+                assert m["runs"] == 1 and 0 <= m["mean"] <= 1
+                if name == "grain":
+                    assert m["diff_mean"] == 0.0
+    assert "| rd-rank16 |" in done.stdout and "| templates46 |" in done.stdout
