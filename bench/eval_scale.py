@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"N {args.n:,} images, C {args.classes:,} classes x D {args.descriptors} descriptors, E {args.dim}, one thread; "
              "time at N (extrapolated linearly from the images that fit the time budget where marked *), peak = working "
              "set + the [N, C] results; ratio = previous implementation / this one on the same images", "",
-             "| Q | scorer | seconds at N | peak GiB | previous: seconds at N | previous: working GiB per image chunk | time ratio |",
+             "| Q | scorer | seconds at N | peak GiB | previous: seconds at N | previous: peak GiB on the images it ran | time ratio |",
              "|---|---|---|---|---|---|---|"]
     by = {(c["q"], c["scorer"], c["impl"]): c for c in cases}
     for q in queries:

@@ -337,6 +337,37 @@ def _owners(class_descriptor_embeds: Sequence[Tensor]) -> tuple[Tensor, Tensor, 
     return flat, owners, sizes
 
 
+class _Segments:
+    """A class's descriptors as contiguous columns, classes grouped by their descriptor count, so that pooling a
+    class's columns is a reshape and a max/mean per group — no scatter, no [.., S] index tensor.
+
+    ``flat`` [S, D] are the descriptor embeddings in that order; ``groups`` holds (count k, class indices [n_k],
+    first column) per group; :meth:`pool` maps ``[..., S]`` in this order to ``[..., C]`` in class order.
+    """
+
+    def __init__(self, class_descriptor_embeds: Sequence[Tensor]) -> None:
+        sizes = [e.shape[0] for e in class_descriptor_embeds]
+        if min(sizes, default=1) == 0:
+            raise ValueError("every class needs at least one descriptor (or a fallback) for region scoring")
+        self.num_classes = len(sizes)
+        self.groups: list[tuple[int, Tensor, int]] = []
+        parts, column = [], 0
+        for k in sorted(set(sizes)):
+            members = [c for c, n in enumerate(sizes) if n == k]
+            parts += [class_descriptor_embeds[c] for c in members]
+            self.groups.append((k, torch.tensor(members), column))
+            column += k * len(members)
+        self.flat = torch.cat(parts)
+
+    def pool(self, x: Tensor, how: str) -> Tensor:
+        """``x [..., S]`` (columns in this order) → ``[..., C]``: each class's max or mean over its descriptors."""
+        out = x.new_empty((*x.shape[:-1], self.num_classes))
+        for k, members, lo in self.groups:
+            block = x[..., lo : lo + k * len(members)].unflatten(-1, (len(members), k))
+            out[..., members] = block.amax(dim=-1) if how == "max" else block.mean(dim=-1)
+        return out
+
+
 def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor]) -> Tensor:
     """The ``paper`` scorer, [N,C]: for class c, the mean over the Q region queries of the max cosine to c's
     descriptor embeddings (:func:`region_scores_all`).
@@ -401,8 +432,8 @@ def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descript
     Memory is bounded by ``budget`` bytes (plus the [N,C] results), whatever N, Q or the number of descriptors:
     chunks are sized by bytes, ``bind`` keeps a running max per anchor (blocks of anchors when one image's would
     not fit) and masks queries by adding 0 or −∞ into a reused buffer instead of materialising [Q,Q,S] copies, and
-    a class's descriptors are pooled by a segmented sum (:func:`pool_descriptors`). ``boxes`` [N,Q,4] is needed by
-    ``bind`` only.
+    a class's descriptors are pooled per group of classes with the same descriptor count (a reshape, no scatter).
+    ``boxes`` [N,Q,4] is needed by ``bind`` only.
     """
     unknown = [k for k in scorers if k not in REGION_SCORERS]
     if unknown:
@@ -410,11 +441,11 @@ def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descript
     if pool not in ("mean", "max"):
         raise ValueError(f"descriptor pool must be 'mean' or 'max', got {pool!r}")
     n, q = region_embed.shape[:2]
-    flat, owners, sizes = _owners(class_descriptor_embeds)
+    seg = _Segments(class_descriptor_embeds)
     if "bind" in scorers and boxes is None:
         raise ValueError("the bind scorer needs the region queries' boxes")
-    s, c = flat.shape[0], len(sizes)
-    flat_t = flat.float().T.contiguous()  # [D,S]
+    s, c = seg.flat.shape[0], seg.num_classes
+    flat_t = seg.flat.float().T.contiguous()  # [D,S], classes grouped by descriptor count
     out = {k: torch.empty(n, c) for k in dict.fromkeys(scorers)}
     chunk, anchors = _chunking(q, s, list(out), budget)
     eye = torch.eye(q, dtype=torch.bool)
@@ -423,10 +454,9 @@ def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descript
         sim = region_embed[start:stop].float() @ flat_t  # [m,Q,S]: the one similarity every scorer reads
         m = sim.shape[0]
         if "paper" in out:  # per query the best descriptor of each class, then the mean over queries
-            best = torch.full((m, q, c), float("-inf")).scatter_reduce_(2, owners.expand(m, q, s), sim, reduce="amax")
-            out["paper"][start:stop] = best.mean(dim=1)
+            out["paper"][start:stop] = seg.pool(sim, "max").mean(dim=1)
         if "max" in out:
-            out["max"][start:stop] = pool_descriptors(sim.amax(dim=1), owners, sizes, pool)
+            out["max"][start:stop] = seg.pool(sim.amax(dim=1), pool)
         if "bind" in out:
             b = boxes[start:stop].float()  # type: ignore[index]
             centres, extent = b[..., :2], window * b[..., 2:]
@@ -441,8 +471,10 @@ def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descript
                 for j in range(q):  # running max over the queries near each anchor, in place
                     torch.add(sim[:, None, j, :], bias[:, a0:a1, j, None], out=cand)
                     torch.maximum(best, cand, out=best)
-                torch.maximum(result, pool_descriptors(best, owners, sizes, pool).amax(dim=1), out=result)
+                torch.maximum(result, seg.pool(best, pool).amax(dim=1), out=result)
+                del best, cand  # before the next block allocates its own: the peak stays one block
             out["bind"][start:stop] = result
+        del sim  # before the next chunk's similarity exists: the peak stays one chunk
     return out
 
 
