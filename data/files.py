@@ -262,6 +262,10 @@ def _has_undecoded(value: str) -> bool:
     return False
 
 
+#: Characters a CSV/TSV field may hold when the caller names no limit (Python's own default is 131,072).
+DEFAULT_FIELD_LIMIT = 131_072
+
+
 @dataclass(frozen=True)
 class TableRow:
     """One row of a table file.
@@ -281,7 +285,7 @@ class TableRow:
     changes: tuple[str, ...] = ()
 
 
-def iter_table_rows(path: str | Path, text: TextRule = TextRule()) -> Iterator[TableRow]:
+def iter_table_rows(path: str | Path, text: TextRule = TextRule(), field_limit: int = DEFAULT_FIELD_LIMIT) -> Iterator[TableRow]:
     """The rows of a ``.csv`` / ``.tsv`` (header row, then one row per record), ``.jsonl`` / ``.ndjson`` (one JSON
     object per line) or ``.json`` (a list of objects) file, in file order; blank lines are not rows.
 
@@ -290,8 +294,9 @@ def iter_table_rows(path: str | Path, text: TextRule = TextRule()) -> Iterator[T
     valid in the encoding is decoded with the rule's fallback (the row's ``changes`` say so) or, without one, makes
     the row unusable (``reason="bad_text"``, its fields shown with ``\\xNN`` escapes): never replaced silently.
 
-    Raises FileNotFoundError for a missing file, ValueError naming the file for an unknown suffix, or a ``.json``
-    file that is not a JSON list.
+    Raises FileNotFoundError for a missing file, ValueError naming the file for an unknown suffix, a ``.json``
+    file that is not a JSON list, or a CSV/TSV header with a duplicated or empty column name. A CSV/TSV field longer
+    than ``field_limit`` characters makes its row unusable (``bad_row``).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -302,7 +307,7 @@ def iter_table_rows(path: str | Path, text: TextRule = TextRule()) -> Iterator[T
     # surrogateescape keeps undecodable bytes recoverable, so _text_rule can apply the rule field by field
     with open(path, newline="" if suffix in (".csv", ".tsv") else None, encoding=text._codec, errors="surrogateescape") as fh:
         if suffix in (".csv", ".tsv"):
-            rows = _csv_rows(path, fh, "\t" if suffix == ".tsv" else ",")
+            rows = _csv_rows(path, fh, "\t" if suffix == ".tsv" else ",", field_limit)
         elif suffix == ".json":
             rows = _json_list_rows(path, fh.read())
         else:
@@ -340,12 +345,38 @@ def _text_rule(row: TableRow, rule: TextRule) -> TableRow:
     return TableRow(row.where, value, row.problem, row.reason, tuple(changes))
 
 
-def _csv_rows(path: Path, fh: Iterable[str], delimiter: str) -> Iterator[TableRow]:
+def _csv_rows(path: Path, fh: Iterable[str], delimiter: str, field_limit: int = DEFAULT_FIELD_LIMIT) -> Iterator[TableRow]:
+    """Rows of a CSV/TSV file as dicts keyed by the header. A header naming a column twice or leaving one unnamed
+    is a ValueError naming the column and the file (before any row: whichever column is used, the file is
+    ambiguous). A field longer than ``field_limit`` characters makes its row a ``bad_row`` (never a traceback);
+    the reader goes on with the next line."""
+    csv.field_size_limit(max(field_limit, DEFAULT_FIELD_LIMIT))  # process-wide; never lowered below the default
     reader = csv.DictReader(fh, delimiter=delimiter)
-    if reader.fieldnames is None:
+    try:
+        names = reader.fieldnames
+    except csv.Error as exc:
+        raise ValueError(f"{path}: the header line does not read ({exc})") from None
+    if names is None:
         return
-    reader.fieldnames = [name.strip() for name in reader.fieldnames]
-    for row in reader:
+    reader.fieldnames = [name.strip() for name in names]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(reader.fieldnames, 1):
+        if not name:
+            raise ValueError(f"{path}: header column {i} has no name; name every column")
+        if name in seen:
+            raise ValueError(f"{path}: header names column {name!r} twice (columns {seen[name]} and {i}); "
+                             "rename one so each column can be told apart")
+        seen[name] = i
+    while True:
+        line = reader.line_num
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield TableRow(f"{path}:{line + 1}", "", f"a field does not read ({exc}; fields may hold up to "
+                           f"{field_limit:,} characters: 2 × ingest.max_caption_chars)", "bad_row")
+            continue
         where = f"{path}:{reader.line_num}"
         if None in row:  # DictReader files the extra fields under the key None
             fields = len(reader.fieldnames) + len(row[None])

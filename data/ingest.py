@@ -118,6 +118,11 @@ def _accept(cfg: IngestConfig, record: RawRecord, seen: set[str], sink: ShardSin
     caption = (record.caption or "").strip()
     if not caption:
         return reject("missing_caption", f"uid {record.uid!r}: caption is {'null' if record.caption is None else 'empty'}")
+    if len(caption) > cfg.max_caption_chars:
+        length = len(caption)
+        record.caption = caption[: cfg.max_caption_chars]  # the quarantine keeps the start, not megabytes of it
+        return reject("caption_too_long", f"uid {record.uid!r}: the caption has {length:,} characters, above "
+                                          f"ingest.max_caption_chars ({cfg.max_caption_chars:,})")
     try:
         image = normalise_image(
             record.image,

@@ -105,7 +105,7 @@ def plan_shards(cfg: IngestConfig) -> list[Shard]:
         if len(files) != 1:
             raise InputError(f"ingest.path {cfg.path!r}: source 'csv' reads one {'/'.join(TABLE_SUFFIXES)} file, found {len(files)}; name the file")
         try:
-            num_rows = sum(1 for _ in iter_table_rows(files[0]))
+            num_rows = sum(1 for _ in iter_table_rows(files[0], text_rule(cfg), 2 * cfg.max_caption_chars))
         except ValueError as exc:  # an unknown suffix, a .json file that is not a list
             raise InputError(str(exc)) from None
         return _row_ranges(num_rows, cfg.num_shards, (str(files[0]),))
@@ -151,7 +151,7 @@ def duplicate_owners(cfg: IngestConfig, shards: list[Shard]) -> dict[int, dict[s
                         see(str(value), shard.index)
     elif cfg.source == "csv" and cfg.uid_column and len(shards) > 1:
         bounds = [(s.start, s.stop, s.index) for s in shards]
-        for index, row in enumerate(iter_table_rows(Path(shards[0].inputs[0]), text_rule(cfg))):
+        for index, row in enumerate(iter_table_rows(Path(shards[0].inputs[0]), text_rule(cfg), 2 * cfg.max_caption_chars)):
             value = row.value.get(cfg.uid_column) if isinstance(row.value, dict) else None
             if value not in (None, ""):
                 see(str(value), next(i for a, b, i in bounds if a <= index < b))
@@ -329,6 +329,15 @@ def check_table_columns(cfg: IngestConfig, path: Path, columns: list[str]) -> No
         raise InputError(f"{path}: ingest.uid_column {cfg.uid_column!r} is not a column; columns are {columns}")
 
 
+def _is_text_type(t: pa.DataType) -> bool:
+    """Every Arrow type that holds text: string, large_string, string_view, a dictionary of any of them (pandas'
+    categorical column), or null (an all-missing column)."""
+    if pa.types.is_dictionary(t):
+        return _is_text_type(t.value_type)
+    view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t) or pa.types.is_null(t)
+
+
 def check_inputs(cfg: IngestConfig) -> None:
     """Fail before any output is written when the input cannot work as configured: a file that is not Parquet, a
     configured (or required) column that is missing, or an input without a single row. Per-row problems are not
@@ -343,7 +352,7 @@ def check_inputs(cfg: IngestConfig) -> None:
             schema = meta.schema_arrow
             image_col, caption_col, _ = parquet_columns(cfg, f, schema.names)
             ctype = schema.field(caption_col).type
-            if not (pa.types.is_string(ctype) or pa.types.is_large_string(ctype) or pa.types.is_null(ctype)):
+            if not _is_text_type(ctype):
                 raise InputError(f"{f}: caption column {caption_col!r} has type {ctype}, not string; point "
                                  f"ingest.caption_column at the text column (columns: {schema.names})")
             itype = schema.field(image_col).type
@@ -366,14 +375,17 @@ def check_inputs(cfg: IngestConfig) -> None:
         (f,) = input_files(cfg)[:1]
         columns: list[str] = []
         seen: set[str] = set()
-        for row in iter_table_rows(f, text_rule(cfg)):
-            if isinstance(row.value, dict):
-                for k in row.value:
-                    if k not in seen:
-                        seen.add(k)
-                        columns.append(k)
-                if f.suffix.lower() in (".csv", ".tsv"):
-                    break  # one header for every row
+        try:
+            for row in iter_table_rows(f, text_rule(cfg), 2 * cfg.max_caption_chars):
+                if isinstance(row.value, dict):
+                    for k in row.value:
+                        if k not in seen:
+                            seen.add(k)
+                            columns.append(k)
+                    if f.suffix.lower() in (".csv", ".tsv"):
+                        break  # one header for every row
+        except ValueError as exc:  # a duplicated or unnamed header column, a .json file that is not a list
+            raise InputError(str(exc)) from None
         if not columns:
             raise InputError(f"{f}: no rows (the file is empty or holds only a header)")
         check_table_columns(cfg, f, columns)
@@ -420,7 +432,7 @@ def read_table_rows(path: Path, cfg: IngestConfig, start: int, stop: int) -> Ite
     unusable (not a JSON object, more fields than the header) is quarantined as ``bad_row``."""
     root = Path(cfg.image_root) if cfg.image_root else path.parent
     source = f"csv:{path.name}"
-    for index, table_row in enumerate(iter_table_rows(path, text_rule(cfg))):
+    for index, table_row in enumerate(iter_table_rows(path, text_rule(cfg), 2 * cfg.max_caption_chars)):
         if index < start:
             continue
         if index >= stop:

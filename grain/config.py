@@ -152,6 +152,9 @@ class IngestConfig(_Frozen):
     max_side: int | None = Field(1024, ge=16, description="Downscale images whose longer side exceeds this.")
     min_side: int = Field(8, ge=1, description="Quarantine images whose shorter side is below this.")
     max_pixels: int = Field(89_478_485, ge=1, description="Quarantine (without decoding) images above this.")
+    max_caption_chars: int = Field(
+        65_536, ge=1, description="Quarantine a row whose caption is longer than this many characters "
+        "(caption_too_long). CSV/TSV fields are read up to twice this; a longer field quarantines its row (bad_row).")
     jpeg_quality: int = Field(95, ge=50, le=100, description="Quality when an image must be re-encoded as JPEG.")
     synthetic: SyntheticConfig = SyntheticConfig()
 

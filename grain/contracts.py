@@ -114,6 +114,7 @@ QUARANTINE_REASONS: dict[str, str] = {
     "too_large": "width x height exceeds ingest.max_pixels (decompression-bomb guard); not decoded",
     "too_small": "the shorter side is below ingest.min_side",
     "missing_caption": "no caption text (null or empty after stripping)",
+    "caption_too_long": "the caption is longer than ingest.max_caption_chars (quarantined with its first that many characters)",
     "duplicate_uid": "a row with the same uid was already accepted",
     "bad_row": "the input row could not be parsed (malformed JSON/CSV line, wrong types)",
     "bad_regions": "the row's ground-truth regions (webdataset KEY.json 'regions') are malformed",

@@ -336,3 +336,64 @@ def test_hf_parquet_carries_the_whole_image_corpus_to_its_expected_outcomes(tmp_
     assert kept == {c.name for c in cases if c.expect is None}
     assert quarantined == {**{c.name: c.expect for c in cases if c.expect is not None}, "lost": "missing_image"}
     assert result.totals["rows_in"] == len(rows) == len(kept) + len(quarantined)
+
+
+# ------------------------------------------------------------------------------------------------ issue 26: text
+
+
+@pytest.mark.parametrize("header,column", [("path,caption,caption", "'caption' twice (columns 2 and 3)"),
+                                           ("path,caption,,extra", "column 3 has no name"),
+                                           ("path\tcaption\tpath", "'path' twice (columns 1 and 3)")])
+def test_a_duplicated_or_unnamed_header_column_is_one_error_before_any_output(tmp_path, header, column):
+    """csv.DictReader would silently keep the last of two same-named columns: grain refuses the file, whichever
+    column the config names, in one line on the command line (exit 2), and writes nothing."""
+    (tmp_path / "a.png").write_bytes(_png())
+    sep = "\t" if "\t" in header else ","
+    name = "list.tsv" if sep == "\t" else "list.csv"
+    (tmp_path / name).write_text(header + "\n" + sep.join(["a.png", "one", "two", "three"][: header.count(sep) + 1]) + "\n")
+    with pytest.raises(InputError, match=column.replace("(", r"\(").replace(")", r"\)")):
+        ingest(IngestConfig(source="csv", path=str(tmp_path / name)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([str(BIN / "grain"), "ingest", "--set", "ingest.source=csv", "--set",
+                           f"ingest.path={tmp_path / name}", "--set", f"workdir={tmp_path / 'work'}"],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and name in lines[0] and column in lines[0], done.stderr
+    assert not (tmp_path / "work" / "samples").exists()
+
+
+def test_an_over_long_caption_is_quarantined_with_its_reason_never_a_traceback(tmp_path):
+    """ingest.max_caption_chars: a caption above it is quarantined as caption_too_long (its start kept); a CSV field
+    beyond twice the cap (the CSV reader's limit follows the cap) quarantines its row as bad_row and the rows after
+    it are read; Python's own 131,072-character limit no longer ends ingest with a traceback."""
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = ["path,caption", "a.png,short one", "a.png," + "y" * 150_000, "a.png," + "z" * 900, "a.png,after"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = IngestConfig(source="csv", path=str(tmp_path / "list.csv"), num_shards=1, max_caption_chars=400)
+    ingest(cfg, tmp_path / "out")
+    assert sorted(r["caption"] for r in _rows(tmp_path / "out")) == ["after", "short one"]
+    q = {r["reason"]: r for r in _rows(tmp_path / "out", "quarantine")}
+    assert set(q) == {"caption_too_long", "bad_row"}
+    assert q["caption_too_long"]["caption"] == "z" * 400 and "900 characters" in q["caption_too_long"]["detail"]
+    assert "800 characters" in q["bad_row"]["detail"] and "list.csv:3" in q["bad_row"]["detail"]
+    # a cap above it reads what Python's own 131,072-character limit refused, with no traceback
+    ingest(IngestConfig(source="csv", path=str(tmp_path / "list.csv"), num_shards=1, max_caption_chars=200_000), tmp_path / "o2")
+    assert sorted(r["caption"] for r in _rows(tmp_path / "o2")) == sorted(["after", "short one", "z" * 900, "y" * 150_000])
+    # parquet captions are capped the same way
+    cfg = _parquet(tmp_path / "pq", pa.table({"jpg": [_png(), _png()], "caption": ["ok", "w" * 1000]}))
+    ingest(cfg.model_copy(update={"max_caption_chars": 500}), tmp_path / "o3")
+    assert [r["caption"] for r in _rows(tmp_path / "o3")] == ["ok"]
+    assert [r["reason"] for r in _rows(tmp_path / "o3", "quarantine")] == ["caption_too_long"]
+
+
+@pytest.mark.parametrize("kind", ["string", "large_string", "string_view", "dictionary"])
+def test_every_arrow_string_type_is_read_as_text(tmp_path, kind):
+    """A caption column of any Arrow string type — including the dictionary-encoded column pandas writes for a
+    categorical — is text, not "not string"."""
+    captions = ["a red bird", "a blue bird", "a red bird"]
+    col = {"string": pa.array(captions, pa.string()), "large_string": pa.array(captions, pa.large_string()),
+           "string_view": pa.array(captions, pa.string_view()),
+           "dictionary": pa.array(captions).dictionary_encode()}[kind]
+    cfg = _parquet(tmp_path / "in", pa.table({"jpg": [_png()] * 3, "caption": col}))
+    ingest(cfg, tmp_path / "out")
+    assert sorted(r["caption"] for r in _rows(tmp_path / "out")) == sorted(captions)
