@@ -185,10 +185,11 @@ def _run_chat_engine(cfg: DescribeConfig, conversations: list[Messages], progres
     Each class goes to the engine as its own ``chat`` call so the progress bar moves per class; for openai at most
     ``cfg.openai.concurrency`` calls run at once, which is also the engine's own connection limit.
     """
-    from tqdm.auto import tqdm
+    from grain.progress import NullProgress
+    from grain.progress import progress as reporter
 
     engine = _make_chat_engine(cfg)
-    bar = tqdm(total=len(conversations), desc=f"describe-classes[{cfg.engine}]", unit="class", disable=not progress)
+    bar = reporter(len(conversations), f"describe-classes[{cfg.engine}]", "class", enabled=progress) or NullProgress()
     out: list[Completion | None] = [None] * len(conversations)
 
     def ask(messages: Messages) -> Completion:

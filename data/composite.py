@@ -427,10 +427,11 @@ def build_world(cfg: CompositeConfig, out: str | Path, *, progress: bool = False
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "train").mkdir(parents=True)
-    from tqdm.auto import tqdm
+    from grain.progress import NullProgress
+    from grain.progress import progress as reporter
 
-    bar = tqdm(total=cfg.num_train + cfg.eval_per_class * (len(categories) + len(new_stamps)) + cfg.num_retrieval,
-               desc="composite world", unit="img", disable=not progress)
+    bar = reporter(cfg.num_train + cfg.eval_per_class * (len(categories) + len(new_stamps)) + cfg.num_retrieval,
+                   "composite world", "img", enabled=progress) or NullProgress()
     counts: dict[str, Any] = {}
 
     # training shards: seen categories only, uniform over categories, 1..max_objects stamps each

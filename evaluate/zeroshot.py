@@ -65,11 +65,12 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
     (``desc``) and the image's key (``keys[i]``, e.g. "cat/0001.jpg") or index."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from grain.progress import NullProgress
+    from grain.progress import progress as reporter
 
     size = model.image_size
     out: dict[str, Tensor] = {}
-    bar = tqdm(total=count, desc=f"encode {desc}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = reporter(count, f"encode {desc}", "img", enabled=progress) or NullProgress()
 
     def one(i: int) -> np.ndarray:
         where = f"{desc}: image {keys[i] if keys is not None else f'#{i}'}"

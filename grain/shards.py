@@ -530,12 +530,10 @@ def _notify(stage: str, out_dir: Path, done: int, total: int) -> None:
 
 
 def progress_bar(stage: str, total: int, initial: int, enabled: bool, unit: str = "shard") -> Any:
-    """A tqdm bar on stderr, or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    """A tqdm bar on a terminal, plain progress lines in a log (grain.progress), or None when disabled."""
+    from grain.progress import progress
 
-    return tqdm(total=total, initial=initial, desc=stage, unit=unit, dynamic_ncols=True)
+    return progress(total, stage, unit, initial, enabled)
 
 
 def _advance(bar: Any, marker: Mapping[str, Any]) -> None:

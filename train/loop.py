@@ -522,8 +522,6 @@ def _log_metrics(writer: Any, fh: Any, step: int, metrics: dict[str, float]) -> 
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    from grain.progress import progress
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return progress(total, "train", "step", initial, enabled)
