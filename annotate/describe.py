@@ -33,7 +33,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from grain.annotate.parse import parse_caption, parse_descriptions
+from grain.annotate.parse import parse_caption, parse_descriptions, parse_report
 from grain.annotate.prompts import describe_messages, image_data_url, prompt_id, rewrite_messages
 from grain.annotate.streaming import NO_REFERENCE, EngineTimeout, actor_pool, run_in_process, run_pending_shards
 from grain.config import DescribeConfig, RayConfig
@@ -120,14 +120,17 @@ def row_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(out_dir: str | Path) -> dict[str, Any]:
     """Row counts over the committed shards of a descriptions/ folder: ``rows_out``, ``rows_described``,
     ``rows_no_description`` (+ ``no_description_example``, a uid), ``rows_with_errors``, ``rows_retryable_errors``
-    (+ ``error_example``, a uid and its error). Read from the shard markers; a marker written before these counts
+    (+ ``error_example``, a uid and its error), ``dropped`` (what the reply parser dropped, per reason, from the
+    replies each shard's run received). Read from the shard markers; a marker written before these counts
     existed is counted from its Parquet shard instead."""
     from grain.shards import iter_markers
 
     out_dir = Path(out_dir)
     total = {"rows_out": 0, "rows_described": 0, "rows_no_description": 0, "no_description_example": None,
-             "rows_with_errors": 0, "rows_retryable_errors": 0, "error_example": None}
+             "rows_with_errors": 0, "rows_retryable_errors": 0, "error_example": None, "dropped": {}}
     for marker in iter_markers(out_dir):
+        for reason, n in (marker.get("dropped") or {}).items():
+            total["dropped"][reason] = total["dropped"].get(reason, 0) + int(n)
         counts = marker if all(k in marker for k in COUNT_KEYS) else row_counts(
             pq.read_table(out_dir / f"{marker['shard']}.parquet", columns=["uid", "descriptions", "engine", "error"]).to_pylist())
         total["rows_out"] += marker["rows_out"]
@@ -154,6 +157,8 @@ def format_counts(totals: dict[str, Any]) -> str:
         line += f" ({totals['rows_retryable_errors']} retryable" + (
             f", e.g. uid {example['uid']}: {example['error']}" if example else "") + ")"
     parts.append(line)
+    if totals.get("dropped"):
+        parts.append("dropped from replies: " + ", ".join(f"{k} {v}" for k, v in sorted(totals["dropped"].items())))
     return ", ".join(parts)
 
 
@@ -170,6 +175,7 @@ class _ShardState:
     kinds: tuple[str, ...]
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)  # what the reply parser dropped, per reason
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -208,10 +214,14 @@ class _ShardState:
         errors = [f"{kind}: {c['error']}" for kind, c in got.items() if c.get("error")]
         descriptions = []
         if described.get("text") is not None:
-            descriptions = parse_descriptions(described["text"], cfg.max_descriptions, cfg.max_description_chars, prompt=cfg.prompt)
+            descriptions, dropped = parse_report(described["text"], cfg.max_descriptions, cfg.max_description_chars,
+                                                 prompt=cfg.prompt)
+            self.dropped.update(dropped)
             if not descriptions:
                 self.stats["empty_replies"] += 1
         caption = parse_caption(rewrite["text"], prompt=cfg.rewrite_prompt) if rewrite and rewrite.get("text") else None
+        if rewrite and rewrite.get("text") and caption is None:  # a refusal, an apology or nothing usable
+            self.dropped["caption_unusable"] += 1
         for c in got.values():
             self.stats["tokens_in"] += int(c.get("prompt_tokens") or 0)
             self.stats["tokens_out"] += int(c.get("completion_tokens") or 0)
@@ -245,6 +255,8 @@ class _ShardState:
             "tokens_in": self.stats["tokens_in"],
             "tokens_out": self.stats["tokens_out"],
             "descriptions_per_image": {str(k): v for k, v in sorted(Counter(len(r["descriptions"]) for r in rows).items())},
+            # pieces of this run's replies the parser dropped (grain.annotate.parse.DROP_REASONS, caption_unusable)
+            "dropped": dict(sorted(self.dropped.items())),
         }
         return run.commit(sink, stats, time.perf_counter() - self.started)
 

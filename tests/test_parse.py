@@ -106,3 +106,106 @@ def test_deeply_nested_json_does_not_blow_up():
 )
 def test_caption_shapes(reply, expected):
     assert parse_caption(reply) == expected
+
+
+# ------------------------------------------------------------------------------------------------ issue 26: chatty replies
+
+PARTS = [("beak", "a short, curved orange beak"), ("wings", "black wings with white bars"), ("legs", "thin red legs"),
+         ("tail", "a long forked tail"), ("eye", "a small black eye")]
+PREAMBLES = ["Sure! Here are the visual features of the bird:", "Certainly.", "Here is a list of the features:",
+             "Of course! Below are the details:"]
+CLOSINGS = ["Let me know if you need more detail.", "I hope this helps!", "Feel free to ask if you want more.",
+            "If you have any other questions, just ask.", "Is there anything else you would like to know?"]
+REFUSALS = ["I'm sorry, but I can't help with identifying people in images.",
+            "I apologize, but I am unable to describe this image.", "Sorry, I cannot process this request.",
+            "As an AI, I can't see this image clearly."]
+
+
+STYLES = ("bold", "plain-label", "numbered", "nested", "fenced-json", "repeat")
+
+
+def _styled(rng: random.Random, items: list[tuple[str, str]], style: str) -> tuple[str, list[str], str]:
+    """A reply in one of the styles instruction-tuned VLMs write, and the items a careful reader keeps."""
+    keep = [text for _, text in items]
+    if style == "bold":
+        body = [f"- **{label.title()}**: {text}" for label, text in items]
+    elif style == "plain-label":
+        body = [f"* {label.title()}: {text}" for label, text in items]
+    elif style == "numbered":
+        body = [f"{i}. {text}." for i, (_, text) in enumerate(items, 1)]
+    elif style == "nested":
+        body = [f"- {items[0][1]}"] + [f"  - {text}" for _, text in items[1:]]
+    elif style == "fenced-json":
+        import json
+
+        body = ["```json", json.dumps({"descriptions": keep}), "```"]
+    else:  # the same item twice in a row and again later: kept once
+        body = [f"- {text}" for _, text in items] + [f"- {items[0][1]}"]
+    lines = []
+    if style != "fenced-json" or rng.random() < 0.5:
+        lines.append(rng.choice(PREAMBLES))
+    lines += body
+    lines.append(rng.choice(CLOSINGS))
+    return "\n".join(lines), keep, style
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("seed", range(3))
+def test_chatty_replies_keep_exactly_the_descriptions(seed, style):
+    """Generated replies with preambles, closings, bold and plain labels, numbering, nested bullets, JSON in fences
+    and repetition: the parser keeps exactly the descriptions, without their labels, and reports what it dropped."""
+    from grain.annotate.parse import parse_report
+
+    rng = random.Random(seed)
+    items = rng.sample(PARTS, rng.randint(2, 5))
+    reply, keep, style = _styled(rng, items, style)
+    got, dropped = parse_report(reply, max_items=10)
+    assert got == keep, (reply, got)
+    if style != "fenced-json":  # text around a fenced block is never read, so there is nothing to drop
+        assert dropped.get("closing") == 1, (reply, dropped)
+    assert set(dropped) <= {"closing", "preamble", "duplicate"}
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_refusals_and_apologies_are_never_descriptions_or_captions(refusal):
+    from grain.annotate.parse import parse_report
+
+    got, dropped = parse_report(refusal)
+    assert got == [] and dropped == {"refusal": 1}
+    assert parse_caption(refusal) is None
+    got, _ = parse_report(refusal + "\n- a red head\n- a blue tail")  # a refusal line before real items
+    assert got == ["a red head", "a blue tail"]
+
+
+@pytest.mark.parametrize("reply,caption", [
+    ("Rewritten caption: A small bird perched on a branch.", "A small bird perched on a branch"),
+    ("Here is the rewritten caption: A small bird on a branch.", "A small bird on a branch"),
+    ("**Caption:** A red bird on a wire.", "A red bird on a wire"),
+    ("New caption - a dog running on a beach", "a dog running on a beach"),
+    ("A dog running on a beach.\nLet me know if you'd like another version!", "A dog running on a beach"),
+])
+def test_caption_labels_and_closings_are_stripped(reply, caption):
+    assert parse_caption(reply) == caption
+
+
+def test_the_describe_summary_counts_what_the_parser_dropped(tmp_path):
+    """The describe stage's shard markers carry the parser's drops per reason, and the summary adds them up."""
+    from grain.annotate.describe import _ShardState, format_counts, summarize
+    from grain.config import DescribeConfig
+    from grain.contracts import DESCRIPTIONS_SCHEMA
+    from grain.shards import Shard, StageRun
+
+    cfg = DescribeConfig(engine="openai")
+    shard = Shard(0, ("in",))
+    run = StageRun("describe", tmp_path / "out", "fp", [shard], DESCRIPTIONS_SCHEMA)
+    state = _ShardState(shard, ["a", "b"], {}, ("describe", "rewrite"))
+    state.add(cfg, "a", "describe", {"text": "Sure! Here you go:\n- a red head\nLet me know if you need more."})
+    state.add(cfg, "a", "rewrite", {"text": "Rewritten caption: a red bird."})
+    state.add(cfg, "b", "describe", {"text": "I'm sorry, but I can't describe this image."})
+    state.add(cfg, "b", "rewrite", {"text": "I apologize, but I cannot rewrite this caption."})
+    assert state.complete()
+    assert state.rows["a"]["descriptions"] == ["a red head"] and state.rows["a"]["caption_rewrite"] == "a red bird"
+    state.commit(run)
+    totals = summarize(tmp_path / "out")
+    assert totals["dropped"] == {"preamble": 1, "closing": 1, "refusal": 1, "caption_unusable": 1}
+    assert "dropped from replies: caption_unusable 1, closing 1, preamble 1, refusal 1" in format_counts(totals)
