@@ -329,15 +329,6 @@ def raw_descriptor_embeddings(text: TextEncoder, descriptors: Sequence[Sequence[
     return torch.stack([class_mean(text(list(d)), renormalize) for d in descriptors])
 
 
-def _owners(class_descriptor_embeds: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
-    sizes = [e.shape[0] for e in class_descriptor_embeds]
-    if min(sizes, default=1) == 0:
-        raise ValueError("every class needs at least one descriptor (or a fallback) for region scoring")
-    flat = torch.cat(list(class_descriptor_embeds))  # [ΣN_c, D]
-    owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    return flat, owners, sizes
-
-
 class _Segments:
     """A class's descriptors as contiguous columns, classes grouped by their descriptor count, so that pooling a
     class's columns is a reshape and a max/mean per group — no scatter, no [.., S] index tensor.
@@ -378,25 +369,14 @@ def region_scores(region_embed: Tensor, class_descriptor_embeds: Sequence[Tensor
     return region_scores_all(region_embed, None, class_descriptor_embeds, ("paper",))["paper"]
 
 
-def pool_descriptors(scores: Tensor, owners: Tensor, sizes: Sequence[int], pool: str = "mean") -> Tensor:
-    """``scores [..., ΣN_c]`` (one per descriptor, classes in order) → ``[..., C]``: the mean over each class's
-    descriptors (they describe parts of one object), or their max (``pool="max"``: they are alternatives — e.g.
-    one sentence per photo of the category — and the best-matching one counts)."""
-    if pool == "mean":  # a segmented sum (ΣN_c additions per row, not the ΣN_c × C of a dense averaging matmul)
-        total = torch.zeros((*scores.shape[:-1], len(sizes)), dtype=scores.dtype).index_add_(-1, owners, scores)
-        return total / torch.tensor(sizes, dtype=scores.dtype)
-    if pool == "max":
-        out = torch.full((*scores.shape[:-1], len(sizes)), float("-inf"), dtype=scores.dtype)
-        return out.scatter_reduce(-1, owners.expand(*scores.shape[:-1], -1), scores, reduce="amax")
-    raise ValueError(f"descriptor pool must be 'mean' or 'max', got {pool!r}")
-
-
 def pooled_logits(image: Tensor, class_descriptor_embeds: Sequence[Tensor], pool: str = "max") -> Tensor:
     """[N,C] global scores of images ``[N,D]`` against each class's descriptor embeddings ``[n_c,D]`` (normalised):
-    :func:`pool_descriptors` of the per-descriptor cosines (``pool="mean"`` is the mean cosine, which ranks
-    classes like the cosine to the un-normalised mean embedding)."""
-    flat, owners, sizes = _owners(class_descriptor_embeds)
-    return pool_descriptors(image @ flat.T, owners, sizes, pool)
+    per class the max (``pool="max"``: the descriptors are alternatives, the best-matching one counts) or the mean
+    (which ranks classes like the cosine to the un-normalised mean embedding) of the per-descriptor cosines."""
+    if pool not in ("mean", "max"):
+        raise ValueError(f"descriptor pool must be 'mean' or 'max', got {pool!r}")
+    seg = _Segments(class_descriptor_embeds)
+    return seg.pool(image @ seg.flat.T, pool)
 
 
 def bound_region_scores(region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
@@ -482,5 +462,6 @@ def region_scores_all(region_embed: Tensor, boxes: Tensor | None, class_descript
 def score_regions(scorer: str, region_embed: Tensor, boxes: Tensor | None, class_descriptor_embeds: Sequence[Tensor],
                   bind_window: float = 1.0, pool: str = "mean") -> Tensor:
     """[N,C] region scores of one of ``REGION_SCORERS``; ``pool`` combines a class's descriptors in ``bind`` and
-    ``max`` (:func:`pool_descriptors`; ``paper`` takes the max over descriptors by definition)."""
+    ``max`` (mean: they describe parts of one object; max: they are alternatives; ``paper`` takes the max over
+    descriptors by definition)."""
     return region_scores_all(region_embed, boxes, class_descriptor_embeds, (scorer,), bind_window, pool)[scorer]

@@ -92,11 +92,20 @@ def _train(model, opt, sched, crit, batches, net=None):
     return losses, first_grads
 
 
-def _accum_worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
-    """Every mode × accumulation count under 2-rank DDP: the first step's gradients."""
+@contextlib.contextmanager
+def _group(rank: int, world: int, init: str):
+    """A worker's gloo process group (one thread), destroyed on the way out."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _accum_worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
+    """Every mode × accumulation count under 2-rank DDP: the first step's gradients."""
+    with _group(rank, world, init):
         batch = _slice(torch.load(batches_file, weights_only=False)[0], rank, world)
         grads = {}
         for mode in MODES:
@@ -106,28 +115,20 @@ def _accum_worker(rank: int, world: int, init: str, batches_file: str, out: str)
                     model, find_unused_parameters=TRAIN_MODES[mode].leaves_parameters_unused)
                 grads[f"{mode}/{accum}"] = _first_grads(net, model, crit, _for_mode(batch, mode), accum)
         torch.save(grads, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, init):
         batches = [_slice(b, rank, world) for b in torch.load(batches_file, weights_only=False)]
         model, opt, sched, crit = _setup()
         net = torch.nn.parallel.DistributedDataParallel(model)
         losses, grads = _train(model, opt, sched, crit, batches, net)
         torch.save({"state": model.state_dict(), "losses": losses, "grads": grads}, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _rank_worker(rank: int, world: int, init: str, batches_file: str, out: str) -> None:
     """L_rd per rank (train.rd_negatives: rank, each process's whole batch one block): the first step's gradients."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, init):
         batch = _slice(torch.load(batches_file, weights_only=False)[0], rank, world)
         grads = {}
         for mode in ("grain", "clip_desc"):
@@ -135,8 +136,6 @@ def _rank_worker(rank: int, world: int, init: str, batches_file: str, out: str) 
             net = torch.nn.parallel.DistributedDataParallel(model)
             grads[mode] = _first_grads(net, model, crit, batch, 1)
         torch.save(grads, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
