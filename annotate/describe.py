@@ -70,7 +70,7 @@ def describe(
     samples_dir = Path(samples_dir)
     upstream = _upstream(samples_dir)
     shards = [Shard(i, (str(p),)) for i, p in enumerate(output_parts(samples_dir))]
-    run = StageRun(
+    with StageRun(
         STAGE,
         out_dir,
         DESCRIBE.fingerprint(cfg, upstream),
@@ -82,14 +82,16 @@ def describe(
         rank=rank,
         world_size=world_size,
         redo=(lambda marker: marker.get("retryable_errors", 0) > 0) if cfg.retry_errors else None,
-    )
-    if run.todo:
-        states = [_ShardState.load(cfg, run, shard) for shard in run.todo]
-        if cfg.engine == "reference":
-            _run_reference(cfg, run, states, progress)
-        else:
-            _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress)
-    result = run.finish()
+    ) as run:
+        todo = run.todo  # the shards this process claimed; then those other processes held, if their writer died
+        while todo:
+            states = [_ShardState.load(cfg, run, shard) for shard in todo]
+            if cfg.engine == "reference":
+                _run_reference(cfg, run, states, progress)
+            else:
+                _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress)
+            todo = run.wait_for_others()
+        result = run.finish()
     if result.complete:
         result.totals.update(summarize(run.out_dir))
     return result

@@ -74,18 +74,20 @@ def ground(
             "descriptions must come from these samples"
         )
     shards = [Shard(i, (str(s), str(d))) for i, (s, d) in enumerate(zip(samples_parts, description_parts))]
-    run = StageRun(
+    with StageRun(
         STAGE, out_dir, GROUND.fingerprint(cfg, upstream), shards, REGIONS_SCHEMA,
         config=cfg.model_dump(mode="json"), code_version=GROUND.code_version, upstream=upstream, rank=rank,
         world_size=world_size, redo=(lambda m: m.get("errors", 0) > 0) if cfg.retry_errors else None,
-    )
-    if run.todo:
-        states = [_ShardState.load(run, shard) for shard in run.todo]
-        if cfg.engine == "reference":
-            _run_reference(run, states, progress)
-        else:
-            _run_owl(cfg, run, states, ray_cfg or RayConfig(), progress)
-    return run.finish()
+    ) as run:
+        todo = run.todo  # the shards this process claimed; then those other processes held, if their writer died
+        while todo:
+            states = [_ShardState.load(run, shard) for shard in todo]
+            if cfg.engine == "reference":
+                _run_reference(run, states, progress)
+            else:
+                _run_owl(cfg, run, states, ray_cfg or RayConfig(), progress)
+            todo = run.wait_for_others()
+        return run.finish()
 
 
 # ------------------------------------------------------------------------------------------------ per-shard state

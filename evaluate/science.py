@@ -282,7 +282,7 @@ def _relative(folder: Path, workdir: Path) -> str:
 
 
 def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: bool = True,
-              command: str = "") -> dict[str, Any]:
+              command: str = "", threads: int | None = None) -> dict[str, Any]:
     """Run every (model, seed) of ``bench`` and write the report to ``out`` (a .md path); returns the results."""
     from grain.stages import plan
 
@@ -299,7 +299,7 @@ def run_bench(bench: Bench, out: Path, *, jobs: int | None = None, progress: boo
     t_data = time.perf_counter() - t0
     # longest first (decoder models), so the last runs to finish are short ones and no process idles long
     work.sort(key=lambda r: not bench.config(_model(bench, r[0]), r[2], world=r[1]).train.mode_spec.decoder)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     runs: list[dict[str, Any]] = []
     args = (str(bench.path), bench.quick, list(bench.extra), bench.world_choice)
     if progress:

@@ -207,22 +207,34 @@ class EmbeddingCache:
         The cache is only ever read as safetensors: a file that is not (corrupt, truncated, or anything planted
         there, e.g. a pickle) is a miss, logged with its path, and is replaced by the recomputed embeddings."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
+
+        from grain.locks import entry_lock
+        from grain.shards import save_tensors_atomic
 
         path = self.path(dataset_fp)
-        if path.exists():
+
+        def read(quiet: bool) -> dict[str, Tensor] | None:
+            if not path.exists():
+                return None
             try:
                 emb = load_file(str(path))
             except SafetensorError as exc:
-                log.warning("embedding cache %s is not a valid safetensors file (%s); recomputing it", path, exc)
-            else:
-                if all(k in emb for k in required):
-                    return emb, True
-        emb = compute()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in emb.items()}, str(tmp))
-        tmp.replace(path)
+                if not quiet:
+                    log.warning("embedding cache %s is not a valid safetensors file (%s); recomputing it", path, exc)
+                return None
+            return emb if all(k in emb for k in required) else None
+
+        emb = read(quiet=True)
+        if emb is not None:
+            return emb, True
+        # One process computes a missing entry; another that wants it meanwhile waits and then reads it.
+        with entry_lock(path, f"embedding cache entry {path}"):
+            emb = read(quiet=False)
+            if emb is not None:
+                return emb, True
+            emb = compute()
+            save_tensors_atomic(emb, path)  # a full disk: no half-written entry; the next run computes it again
         return emb, False
 
 

@@ -42,6 +42,8 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from grain import stages
 from grain.config import PipelineConfig, load_config
+from grain.locks import entry_lock
+from grain.shards import write_text_atomic
 
 
 def _config(config: str | None, base_overrides: list[str] | None, overrides: list[str] | None) -> PipelineConfig:
@@ -260,8 +262,8 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
     lines += ["", *cost_section(cfg, summaries, compared)]
     text = "\n".join(lines) + "\n"
     out = stages.report_path(cfg, eval_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    with entry_lock(out, f"report {out}"):  # two runs of one config write the same report
+        write_text_atomic(out, text)
     create_markdown_artifact(markdown=text, key="grain-report", description="grain pipeline report")
     return out
 

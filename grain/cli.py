@@ -64,21 +64,35 @@ def _run_stage(cfg: PipelineConfig, stage: str, given: dict[str, Path | None], o
                **opts: object) -> dict:
     """Plan ``stage`` through the registry (grain.stages), run it into ``out`` or its planned folder."""
     from grain import stages
+    from grain.locks import LockBusyError
 
     target = None
     try:
         step = stages.plan(cfg, stage, given)
         target = (out or step.out).absolute()
         return step.stage.run(cfg, step.inputs, target, **opts)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, LockBusyError) as exc:
         _fail(exc)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        _fail(RuntimeError(
-            f"disk full while {stage} was writing to {target or cfg.workdir} ({exc.strerror or exc}); the shard being "
-            f"written was dropped, finished shards are intact. Free space (or set workdir elsewhere) and rerun: only "
-            f"unfinished shards run"))
+        file = f" at {exc.filename}" if exc.filename else ""
+        _fail(RuntimeError(f"disk full while {stage} was writing to {target or cfg.workdir} ({exc.strerror or exc}{file}); "
+                           f"{DISK_FULL_AFTERMATH.get(stage, DISK_FULL_AFTERMATH['shards'])}"))
+
+
+ANOTHER_PROCESS = ("written by another process that held this folder's lock while this one waited; nothing was "
+                   "redone here (the counts above are that run's)")
+
+#: What a full disk left behind, and what a rerun does, per stage (the disk-full error's second half).
+DISK_FULL_AFTERMATH = {
+    "shards": "the shard being written was dropped, finished shards are intact. Free space (or set workdir "
+              "elsewhere) and rerun: only unfinished shards run",
+    "train": "the checkpoint or model being written was dropped, earlier checkpoints are intact. Free space (or set "
+             "workdir elsewhere) and rerun: training resumes from the newest checkpoint",
+    "evaluate": "the cache entry or results being written were dropped, cache entries written before are intact. "
+                "Free space (or set workdir elsewhere) and rerun: only what is missing is computed",
+}
 
 
 @app.command()
@@ -202,6 +216,10 @@ def train(
     if "steps" in summary:  # rank 0 (other torchrun ranks print nothing)
         typer.echo(f"train {cfg.train.mode}: {summary['steps']} steps in {summary['seconds']:.1f} s -> {summary['out']}")
         typer.echo(f"  model: {summary['model']}")
+        if summary.get("written_by_another_process"):
+            typer.echo(f"  {ANOTHER_PROCESS}")
+        elif summary.get("already_finished"):
+            typer.echo("  already finished: nothing was redone (--resume none trains it again)")
 
 
 @app.command()
@@ -225,6 +243,8 @@ def evaluate(
     typer.echo(Path(summary["table"]).read_text())
     typer.echo(f"evaluate: {len(summary['rows'])} rows in {summary['seconds']:.1f} s ({summary['encoded']} dataset(s) "
                f"encoded, {summary['cached']} from cache) -> {summary['out']}")
+    if summary.get("written_by_another_process"):
+        typer.echo(f"  {ANOTHER_PROCESS}")
 
 
 @app.command()
@@ -272,6 +292,8 @@ def bench_science(
     worlds: Annotated[Optional[str], typer.Option(help="Synthetic worlds to run on: a list named in the file's `worlds` "
                                                   "(test, dev) or comma-separated world seeds. Default: test. Tune "
                                                   "on dev; report test.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads per job; default: cores / jobs. Results depend "
+                                                   "on it (float sums in another order), not on --jobs.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """GRAIN vs its baselines on the synthetic binding world: the same data, towers, steps and batch for every
@@ -291,7 +313,7 @@ def bench_science(
     target = out or (workdir_path(spec.config()) / "science.md" if quick else Path("docs/results.md"))
     command = " ".join(["grain bench science", *sys.argv[3:]])
     try:
-        results = run_bench(spec, target, jobs=jobs, command=command.strip())
+        results = run_bench(spec, target, jobs=jobs, threads=threads, command=command.strip())
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"bench science: {len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min -> {target}")

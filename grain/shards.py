@@ -13,6 +13,13 @@ the marker written (also tmp → fsync → rename). A shard without a marker is 
 it left behind, so a killed run resumes at the first unfinished shard and never leaves a partial shard visible. A
 warm rerun finds every marker and does no work. Shards are split between processes or machines by
 ``index % world_size == rank``.
+
+Several processes may run the same stage on the same folder at once (two runs sharing a workdir, a benchmark with
+several jobs, two nodes given the same ``--rank``). A shard is processed and committed only under its lock
+(grain.locks: ``_locks/part-NNNNN.lock``, released by the kernel if its holder dies), and whether it still needs
+doing is decided again under the lock: a process skips the shards others are writing, does the rest, then waits
+for the skipped ones and takes over any whose writer died before committing. The folder's header and totals are
+written under the folder lock. Every process ends with the same complete folder, and each shard is written once.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import pyarrow.parquet as pq
 
 from grain import faults
 from grain.contracts import QUARANTINE_REASONS, QUARANTINE_SCHEMA, ContractError, rows_to_table
+from grain.locks import LOCK_DIR, FileLock, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -240,16 +248,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON via tmp → fsync → rename so a reader never sees half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` via tmp → fsync → rename so a reader never sees half a file. The temp name is fixed (a kill's
+    leftover is overwritten by the next write), so two processes must not write one path at once: shared files
+    are written under a lock (grain.locks)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: leave the previous file (if any) and no half-written temp file
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def save_tensors_atomic(tensors: Mapping[str, Any], path: Path) -> None:
+    """Save a dict of tensors as safetensors via tmp → rename. safetensors reports a full disk as its own error
+    ("No space left on device (os error 28)"); it is raised here as the OSError it is (ENOSPC / EDQUOT), so every
+    stage reports a full disk the same way. No temp file is left behind on failure."""
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except SafetensorError as exc:
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(exc))
+        if code and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """:func:`write_text_atomic` of ``value`` as JSON."""
+    write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True, default=str))
 
 
 def read_json(path: Path) -> Any:
@@ -305,7 +351,7 @@ def read_table(out_dir: str | Path, *, quarantine: bool = False, columns: list[s
 
 
 def _run_one(out_dir: Path, shard: Shard, schema: pa.Schema, stage: str, process: ProcessFn) -> dict[str, Any]:
-    """Process and commit one shard (also the entry point in worker processes)."""
+    """Process and commit one shard (its lock held by the caller)."""
     start = time.perf_counter()
     sink = ShardSink(out_dir, shard, schema, stage)
     try:
@@ -316,31 +362,106 @@ def _run_one(out_dir: Path, shard: Shard, schema: pa.Schema, stage: str, process
         raise
 
 
+BUSY, SETTLED = "busy", "settled"
+
+
+def shard_lock(out_dir: Path, shard: Shard, stage: str) -> FileLock:
+    """The lock a shard is processed and committed under: ``<out_dir>/_locks/part-NNNNN.lock``."""
+    return FileLock(out_dir / LOCK_DIR / f"{shard.name}.lock", f"{stage} shard {shard.name} of {out_dir}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """Whether a shard still needs this run — asked again under the shard's lock, where the answer holds.
+
+    ``seen``: each committed shard's marker identity (inode, mtime) when the run started. A shard to ``redo``
+    (describe's rows with retryable errors) whose marker changed since was redone by another process during this
+    run: it counts as done here, so the same failing rows are not requested once per process."""
+
+    out_dir: Path
+    seen: dict[int, tuple[int, int] | None]
+    redo: Callable[[dict[str, Any]], bool] | None = None
+
+    def _marker(self, shard: Shard) -> Path:
+        return self.out_dir / DONE_DIR / f"{shard.name}.json"
+
+    def committed(self, shard: Shard) -> bool:
+        return (self._marker(shard).exists() and (self.out_dir / f"{shard.name}.parquet").exists()
+                and (self.out_dir / QUARANTINE_DIR / f"{shard.name}.parquet").exists())
+
+    def settled(self, shard: Shard) -> bool:
+        if not self.committed(shard):
+            return False
+        if self.redo is None or _identity(self._marker(shard)) != self.seen.get(shard.index):
+            return True
+        return not self.redo(read_json(self._marker(shard)))
+
+    def open(self, shard: Shard) -> None:
+        """Under the lock, before the shard is (re)written: a marker without its files is stale, and the stage is
+        incomplete until every shard is committed again."""
+        if not self.committed(shard):
+            self._marker(shard).unlink(missing_ok=True)
+        (self.out_dir / SUCCESS_FILE).unlink(missing_ok=True)
+
+
+def _claimed_run(out_dir: Path, shard: Shard, schema: pa.Schema, stage: str, process: ProcessFn, gate: _Gate,
+                 wait: bool) -> dict[str, Any] | str:
+    """Take the shard's lock, then process and commit it if it still needs doing — the entry point in worker
+    processes. Returns the marker, BUSY (another process holds the lock; only when not ``wait``) or SETTLED."""
+    lock = shard_lock(out_dir, shard, stage)
+    if not lock.acquire(wait=wait):
+        return BUSY
+    try:
+        if gate.settled(shard):
+            return SETTLED
+        gate.open(shard)
+        return _run_one(out_dir, shard, schema, stage, process)
+    finally:
+        lock.release()
+
+
 def _prepare(out_dir: Path, header: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage_file = out_dir / STAGE_FILE
-    if stage_file.exists():
-        existing = read_json(stage_file)
-        for key in ("stage", "fingerprint", "num_shards"):
-            if existing.get(key) != header[key]:
-                raise StageConflictError(
-                    f"{out_dir} already holds {key}={existing.get(key)!r}, this run has {header[key]!r}; "
-                    "a changed config must write to a new folder (use the fingerprint-named folder)"
-                )
-    else:
-        write_json_atomic(stage_file, header)
-    (out_dir / DONE_DIR).mkdir(exist_ok=True)
-    (out_dir / QUARANTINE_DIR).mkdir(exist_ok=True)
+    with folder_lock(out_dir, f"{header['stage']} folder {out_dir}"):
+        stage_file = out_dir / STAGE_FILE
+        if stage_file.exists():
+            existing = read_json(stage_file)
+            for key in ("stage", "fingerprint", "num_shards"):
+                if existing.get(key) != header[key]:
+                    raise StageConflictError(
+                        f"{out_dir} already holds {key}={existing.get(key)!r}, this run has {header[key]!r}; "
+                        "a changed config must write to a new folder (use the fingerprint-named folder)"
+                    )
+        else:
+            write_json_atomic(stage_file, header)
+        (out_dir / DONE_DIR).mkdir(exist_ok=True)
+        (out_dir / QUARANTINE_DIR).mkdir(exist_ok=True)
 
 
 class StageRun:
-    """One run of a stage over its shards: decides what to do, hands out sinks, commits, and closes.
+    """One run of a stage over its shards: decides what to do, claims shards, hands out sinks, commits, and closes.
 
     ``run_stage`` drives it shard by shard; a stage that streams many shards through one engine (describe over
-    Ray Data, say) uses it directly: take ``todo``, open a ``sink(shard)`` per shard, ``commit`` each as its rows
-    are complete, then ``finish()``. ``redo(marker)`` marks committed shards to be run again (e.g. shards whose
-    rows carry engine errors); their previous output stays readable through ``previous(shard)`` until the new
-    commit replaces it.
+    Ray Data, say) uses it directly::
+
+        with StageRun(...) as run:
+            todo = run.todo                      # the shards this process claimed (their locks are held)
+            while todo:
+                ...                              # open a sink(shard) per shard, commit(...) each when complete
+                todo = run.wait_for_others()     # shards other processes held: done by them, or taken over
+            result = run.finish()
+
+    ``redo(marker)`` marks committed shards to be run again (e.g. shards whose rows carry engine errors); their
+    previous output stays readable through ``previous(shard)`` until the new commit replaces it. ``claim=False``:
+    take no locks here (``todo`` are the candidates; the caller claims them, as run_stage's worker processes do).
     """
 
     def __init__(
@@ -357,6 +478,7 @@ class StageRun:
         rank: int = 0,
         world_size: int = 1,
         redo: Callable[[dict[str, Any]], bool] | None = None,
+        claim: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
@@ -377,19 +499,70 @@ class StageRun:
         }
         _prepare(self.out_dir, header)
         committed = finished_shards(self.out_dir)
-        done = committed
-        if redo is not None:
-            done = {i for i in committed if not redo(read_json(self.out_dir / DONE_DIR / f"part-{i:05d}.json"))}
-        mine = [s for s in shards if s.index % world_size == rank]
-        self.todo = [s for s in mine if s.index not in done]
-        self.result = StageResult(stage, self.out_dir, fingerprint, len(shards), shards_skipped=[s.index for s in mine if s.index in done])
-        if self.todo:
-            (self.out_dir / SUCCESS_FILE).unlink(missing_ok=True)  # the stage is (again) incomplete until the end
-            for s in self.todo:  # a marker without its files is stale; a shard to redo keeps both for previous()
-                if s.index not in committed:
-                    (self.out_dir / DONE_DIR / f"{s.name}.json").unlink(missing_ok=True)
-            log.info("%s: %d/%d shards to run in %s", stage, len(self.todo), len(mine), self.out_dir)
+        self.gate = _Gate(self.out_dir, {i: _identity(self.out_dir / DONE_DIR / f"part-{i:05d}.json") for i in committed},
+                          redo if redo is not None else None)
+        self.mine = [s for s in shards if s.index % world_size == rank]
+        candidates = [s for s in self.mine if not self.gate.settled(s)]  # a first look; the lock has the last word
+        self.result = StageResult(stage, self.out_dir, fingerprint, len(shards),
+                                  shards_skipped=[s.index for s in self.mine if s not in candidates])
+        self._locks: dict[int, FileLock] = {}
+        self.busy: list[Shard] = []
+        self.todo = self.claim(candidates) if claim else candidates
+        if candidates:
+            log.info("%s: %d/%d shards to run in %s (%d claimed, %d being written by other processes)", stage,
+                     len(candidates), len(self.mine), self.out_dir, len(self.todo), len(self.busy))
 
+    # -- claiming
+    def claim(self, shards: Sequence[Shard]) -> list[Shard]:
+        """Lock each of ``shards`` that no other process holds, without waiting. Returns those that still need
+        doing (their locks now held); those committed meanwhile are skipped; those locked elsewhere join ``busy``."""
+        claimed = []
+        for shard in shards:
+            lock = shard_lock(self.out_dir, shard, self.stage)
+            if not lock.acquire(wait=False):
+                self.busy.append(shard)
+            elif self._take(shard, lock):
+                claimed.append(shard)
+        return claimed
+
+    def _take(self, shard: Shard, lock: FileLock) -> bool:
+        if self.gate.settled(shard):  # committed by another process since the first look
+            lock.release()
+            self.result.shards_skipped.append(shard.index)
+            return False
+        self.gate.open(shard)
+        self._locks[shard.index] = lock
+        return True
+
+    def wait_for_others(self) -> list[Shard]:
+        """Once this process's claimed shards are committed: wait for the shards other processes were writing.
+        Returns the next shards to do here (their writers died before committing), or [] when every shard of this
+        rank is committed. Never waits while holding a lock, so processes cannot wait for each other in a circle."""
+        self.release_all()
+        while self.busy:
+            first, rest = self.busy[0], self.busy[1:]
+            self.busy = []
+            lock = shard_lock(self.out_dir, first, self.stage)
+            lock.acquire(wait=True)
+            claimed = [first] if self._take(first, lock) else []
+            claimed += self.claim(rest)  # whatever else is free now, without waiting
+            if claimed:
+                self.todo = claimed
+                return claimed
+        self.todo = []
+        return []
+
+    def release_all(self) -> None:
+        for index in list(self._locks):
+            self._locks.pop(index).release()
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release_all()
+
+    # -- writing
     def sink(self, shard: Shard) -> ShardSink:
         return ShardSink(self.out_dir, shard, self.schema, self.stage)
 
@@ -406,20 +579,26 @@ class StageRun:
         return marker
 
     def record(self, marker: Mapping[str, Any]) -> None:
-        """Note a shard committed elsewhere (a worker process) as run by this StageRun."""
+        """Note a shard committed (here or by a worker process) as run by this StageRun; its lock is released."""
+        lock = self._locks.pop(marker["index"], None)
+        if lock is not None:
+            lock.release()
         self.result.shards_run.append(marker["index"])
         _notify(self.stage, self.out_dir, len(finished_shards(self.out_dir)), len(self.shards))
 
     def finish(self) -> StageResult:
         """Write _SUCCESS.json if every shard (all ranks) is committed; return the result."""
+        self.release_all()
         result = self.result
         result.shards_run.sort()
-        if len(finished_shards(self.out_dir)) == len(self.shards):
-            totals = _totals(self.out_dir, len(self.shards))
-            if not (self.out_dir / SUCCESS_FILE).exists() or result.shards_run:
-                write_json_atomic(self.out_dir / SUCCESS_FILE, {"stage": self.stage, "fingerprint": result.fingerprint, **totals})
-            result.complete = True
-            result.totals = totals
+        result.shards_skipped.sort()
+        with folder_lock(self.out_dir, f"{self.stage} folder {self.out_dir}"):
+            if len(finished_shards(self.out_dir)) == len(self.shards):
+                totals = _totals(self.out_dir, len(self.shards))
+                if not (self.out_dir / SUCCESS_FILE).exists() or result.shards_run:
+                    write_json_atomic(self.out_dir / SUCCESS_FILE, {"stage": self.stage, "fingerprint": result.fingerprint, **totals})
+                result.complete = True
+                result.totals = totals
         result.seconds = time.perf_counter() - self._t0
         _notify(self.stage, self.out_dir, len(finished_shards(self.out_dir)), len(self.shards))
         return result
@@ -445,31 +624,44 @@ def run_stage(
 
     ``process(shard, sink)`` writes rows to ``sink`` and returns extra stats for the marker; it should return
     ``{"rows_in": n}`` so the runner can check that no row was lost. With ``workers > 1`` shards run in a process
-    pool (``process`` must then be picklable: a module-level function or ``functools.partial`` of one).
+    pool (``process`` must then be picklable: a module-level function or ``functools.partial`` of one); each worker
+    takes its shard's lock itself.
     """
-    run = StageRun(
+    with StageRun(
         stage, out_dir, fingerprint, shards, schema,
-        config=config, code_version=code_version, upstream=upstream, rank=rank, world_size=world_size,
-    )
-    todo = run.todo
-    bar = progress_bar(stage, len(todo) + len(run.result.shards_skipped), len(run.result.shards_skipped), progress)
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            for shard in todo:
-                marker = _run_one(run.out_dir, shard, schema, stage, process)
-                run.record(marker)
-                _advance(bar, marker)
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_run_one, run.out_dir, s, schema, stage, process) for s in todo]
-                for fut in as_completed(futures):
-                    marker = fut.result()
-                    run.record(marker)
-                    _advance(bar, marker)
-    finally:
-        if bar is not None:
-            bar.close()
-    return run.finish()
+        config=config, code_version=code_version, upstream=upstream, rank=rank, world_size=world_size, claim=False,
+    ) as run:
+        bar = progress_bar(stage, len(run.mine), len(run.result.shards_skipped), progress)
+
+        def done(marker: dict[str, Any]) -> None:
+            run.record(marker)
+            _advance(bar, marker)
+
+        try:
+            if workers > 1 and len(run.todo) > 1:  # each worker claims its shard itself
+                with ProcessPoolExecutor(max_workers=min(workers, len(run.todo)), mp_context=get_context("spawn")) as pool:
+                    futures = {pool.submit(_claimed_run, run.out_dir, s, schema, stage, process, run.gate, False): s
+                               for s in run.todo}
+                    for fut in as_completed(futures):
+                        outcome = fut.result()
+                        if outcome == BUSY:
+                            run.busy.append(futures[fut])
+                        elif outcome == SETTLED:
+                            run.result.shards_skipped.append(futures[fut].index)
+                        else:
+                            done(outcome)
+                run.busy.sort(key=lambda s: s.index)
+            else:  # claimed one at a time, so processes started together share the shards
+                for shard in run.todo:
+                    if run.claim([shard]):
+                        done(_run_one(run.out_dir, shard, schema, stage, process))
+            while todo := run.wait_for_others():
+                for shard in todo:
+                    done(_run_one(run.out_dir, shard, schema, stage, process))
+        finally:
+            if bar is not None:
+                bar.close()
+        return run.finish()
 
 
 def _totals(out_dir: Path, num_shards: int) -> dict[str, Any]:

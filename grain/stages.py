@@ -256,6 +256,36 @@ class _Train(Stage):
 
     def run(self, cfg: PipelineConfig, inputs: Mapping[str, Path], out: Path, *, resume: str | None = "latest",
             launcher: str = "local", progress: bool = False) -> dict[str, Any]:
+        """Train into ``out`` under its folder lock (grain.locks). A second process on the same folder waits; a
+        finished folder (this process waited for its writer, or it was finished before) is not trained again: its
+        summary is returned (``resume=None`` retrains). Under torchrun, whose other ranks could not wait that long,
+        rank 0 stops at once with an error naming the holder."""
+        import os
+
+        from grain.locks import exclusive
+
+        torchrun = launcher == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if torchrun and int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the lock for its whole job
+            if resume == "latest" and self.is_finished(out):  # as rank 0 decides: nothing to train
+                return {"stage": self.name, "out": str(out), "model": str(out / "model")}
+            return self._train(cfg, inputs, out, resume=resume, launcher=launcher, progress=progress)
+        with exclusive(out, f"train folder {out}", wait=not torchrun) as waited:
+            if resume == "latest" and self.is_finished(out):
+                return self.finished_summary(out, waited)
+            return self._train(cfg, inputs, out, resume=resume, launcher=launcher, progress=progress)
+
+    def finished_summary(self, out: Path, waited: bool = False) -> dict[str, Any]:
+        """The summary of a finished run folder (what ``run`` returned when it trained it); ``waited``: another
+        process finished it while this one waited for the lock."""
+        done = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+        curve = out / "loss_curve.png"
+        return {"stage": self.name, "out": str(out), "model": str(out / "model"), "steps": done["steps"],
+                "seconds": done["seconds"], "bad_steps": done.get("bad_steps", 0),
+                "loss_curve": str(curve) if curve.exists() else None, "written_by_another_process": waited,
+                "already_finished": not waited}
+
+    def _train(self, cfg: PipelineConfig, inputs: Mapping[str, Path], out: Path, *, resume: str | None,
+               launcher: str, progress: bool) -> dict[str, Any]:
         samples, descriptions, regions = (inputs.get(k) for k in ("samples", "descriptions", "regions"))
         summary: dict[str, Any] = {"stage": self.name, "out": str(out), "model": str(out / "model")}
         if launcher == "ray":
@@ -292,10 +322,19 @@ class _Evaluate(Stage):
         return (folder / EVAL_RESULTS_FILE).exists() and (folder / EVAL_SUMMARY_FILE).exists()
 
     def run(self, cfg: PipelineConfig, inputs: Mapping[str, Path], out: Path, *, progress: bool = False) -> dict[str, Any]:
-        from grain.evaluate.run import evaluate
+        """Evaluate into ``out`` under its folder lock (grain.locks); a second process on the same folder waits and
+        then returns the first one's results instead of evaluating again."""
+        from grain.evaluate.run import evaluate, read_results
+        from grain.locks import exclusive
 
-        result = evaluate(cfg.evaluate, inputs["model"], out, workdir=workdir_path(cfg), synthetic=cfg.ingest.synthetic,
-                          progress=progress)
+        with exclusive(out, f"evaluate folder {out}") as waited:
+            if waited and self.is_finished(out):
+                done = json.loads((out / EVAL_SUMMARY_FILE).read_text())
+                return {"stage": self.name, "out": str(out), "table": str(out / EVAL_TABLE_FILE),
+                        "rows": read_results(out), "skipped": done["skipped"], "seconds": done["seconds"],
+                        "encoded": done["encoded"], "cached": done["cache_hits"], "written_by_another_process": True}
+            result = evaluate(cfg.evaluate, inputs["model"], out, workdir=workdir_path(cfg),
+                              synthetic=cfg.ingest.synthetic, progress=progress)
         return {"stage": self.name, "out": str(out), "table": str(out / EVAL_TABLE_FILE), "rows": result.rows,
                 "skipped": result.skipped, "seconds": result.seconds, "encoded": result.encoded,
                 "cached": result.cached}
@@ -407,8 +446,11 @@ def render_contact_sheet(cfg: PipelineConfig, samples: str | Path, regions: str 
     """The ground stage's visual QA: 16 images with their boxes, at :func:`inspect_sheet_path` (made once)."""
     from grain.annotate.inspect_sheet import render_contact_sheet as render
 
+    from grain.locks import entry_lock
+
     target = inspect_sheet_path(cfg, regions)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        render(samples, regions, target)
+        with entry_lock(target, f"contact sheet {target}"):  # two runs finishing the same ground stage draw it once
+            if not target.exists():
+                render(samples, regions, target)
     return target

@@ -55,3 +55,40 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(base, name, tmp_path, mo
     assert outcome.ok, f"{outcome.problems}; log tail:\n{log.read_text(errors='replace')[-3000:]}"
     assert outcome.kills, f"no kill landed ({outcome.not_reached}): the trial proved nothing"
     assert outcome.kills[0].startswith("point"), outcome.kills  # the aimed kill always lands: its point is reached
+
+
+@pytest.mark.parametrize("name", ["ingest", "describe", "ground", "train", "evaluate"])
+def test_concurrent_runs_of_a_stage_equal_one_run(base, name, tmp_path, monkeypatch):
+    """Issue 26: 4 processes of the stage's command started together on one workdir (the short form of
+    bench/concurrency.py): all exit 0, the outputs equal the uninterrupted run's, no temp file or extra folder, and
+    the work they report adds up to one run's (each shard committed once, one training, one encoding)."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    ref, _ = base["refs"][name]
+    work = tmp_path / "work"
+    before = fk.upstream_of(name)
+    fk.prepare(base["work"], work, base["refs"][before][0] if before else {})
+    sc = fk.scenario(name, GRAIN, work / "grain.yaml", base["sizes"])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    outcome = fk.concurrent_trial(sc, work, ref, 4, fk.expected_work(name, base["sizes"]), logs)
+    shown = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.iterdir()))
+    assert outcome.ok, f"{outcome.problems}\n{shown}"
+
+
+def test_the_science_bench_with_two_jobs_equals_one_job(tmp_path):
+    """`grain bench science --quick --jobs 2`: its two jobs share the world's data and the eval splits; every stage
+    folder equals a --jobs 1 run's (one torch thread per job in both: results depend on the thread count)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    snaps = []
+    for jobs in (1, 2):
+        work = tmp_path / f"jobs{jobs}"
+        done = subprocess.run([str(GRAIN), "bench", "science", "--quick", "--jobs", str(jobs), "--threads", "1",
+                               "--out", str(work / "science.md"), "--set", f"workdir={work / 'w'}"],
+                              capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        snaps.append(fk.snapshot(work / "w"))
+    assert set(snaps[0]["train"]) and len(snaps[0]["train"]) >= 7  # every model trained: the comparison covers them
+    assert fk.diff(snaps[0], snaps[1]) is None, fk.diff(snaps[0], snaps[1])

@@ -123,15 +123,19 @@ def save_checkpoint(
     tmp = ckpt_dir / (final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp)
-    faults.point("checkpoint:weights")
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
-    with open(tmp / OPTIM_FILE, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    write_json_atomic(tmp / META_FILE, {**meta, "step": step})
+    try:
+        save_model(model, tmp)
+        faults.point("checkpoint:weights")
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
+        with open(tmp / OPTIM_FILE, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        write_json_atomic(tmp / META_FILE, {**meta, "step": step})
+    except Exception:  # a full disk, say: drop the half-written checkpoint; the earlier ones stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step written again (a rerun of a finished run): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

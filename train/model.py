@@ -544,17 +544,13 @@ def _timm_vit_init(visual: nn.Module) -> None:
 def save_model(model: GrainModel, folder: str | Path) -> Path:
     """Write a self-contained model folder: model.safetensors + grain_model.json (format, mode, arch and the
     model's content hash, which names its evaluations without rereading the weights; grain.stages.model_key)."""
-    from safetensors.torch import save_file
-
-    from grain.shards import write_json_atomic
+    from grain.shards import save_tensors_atomic, write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = folder / (MODEL_WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(folder / MODEL_WEIGHTS_FILE)
+    save_tensors_atomic(state, folder / MODEL_WEIGHTS_FILE)
     meta = {"format": EXPORT_FORMAT, "mode": module.mode, "arch": module.arch}
     meta["content_hash"] = model_content_hash(meta, folder / MODEL_WEIGHTS_FILE)
     write_json_atomic(folder / MODEL_CONFIG_FILE, meta)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 
 #: workdir subfolder of each stage (grain.stages' layout), and the folders that are not a stage's fingerprint
 STAGE_FOLDERS = {"ingest": "samples", "describe": "descriptions", "ground": "regions", "train": "train", "evaluate": "eval"}
-NOT_FINGERPRINTS = {"cache"}
+NOT_FINGERPRINTS = {"cache", "_locks"}
 
 
 @dataclass
@@ -141,9 +142,9 @@ def parquet_folder(folder: Path) -> dict[str, Any]:
 def train_folder(folder: Path) -> dict[str, Any]:
     """Final weights' digest, and the logged steps with their losses (each step must appear exactly once)."""
     steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    numbers = [s["step"] for s in steps]
-    if numbers != sorted(set(numbers)):
-        raise AssertionError(f"{folder}/metrics.jsonl: steps not each once and in order: {numbers}")
+    numbers = [s["step"] for s in steps if "loss" in s]  # the training lines (a probe's lines share their step)
+    if numbers != sorted(set(numbers)) or [s["step"] for s in steps] != sorted(s["step"] for s in steps):
+        raise AssertionError(f"{folder}/metrics.jsonl: steps not each once and in order: {[s['step'] for s in steps]}")
     weights = hashlib.sha256((folder / "model" / "model.safetensors").read_bytes()).hexdigest()
     return {"weights": weights, "log": [(s["step"], s.get("loss")) for s in steps]}
 
@@ -265,6 +266,83 @@ def trial(sc: Scenario, workdir: Path, ref: dict[str, Any], ref_seconds: float, 
             outcome.problems.append(str(exc))
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+# ------------------------------------------------------------------------------------------------ concurrent runs
+
+#: How a command's output says how much work it did (grain.cli): shards run, datasets encoded, a finished train run.
+_RAN = re.compile(r"ran (\d+) shard\(s\)")
+_ENCODED = re.compile(r"\((\d+) dataset\(s\) encoded")
+_NOT_TRAINED = ("written by another process", "already finished")
+
+
+def work_done(name: str, output: str) -> int:
+    """Units of work one run's output reports: shards committed (ingest, describe, ground), datasets encoded
+    (evaluate), 1 if it trained (train)."""
+    if name == "train":
+        return int("train " in output and not any(m in output for m in _NOT_TRAINED))
+    if name == "evaluate" and _NOT_TRAINED[0] in output:  # the counts it prints are the writer's
+        return 0
+    pattern = _ENCODED if name == "evaluate" else _RAN
+    return sum(int(m) for m in pattern.findall(output))
+
+
+def concurrent_trial(sc: Scenario, workdir: Path, ref: dict[str, Any], processes: int, expected_work: int,
+                     log_dir: Path, stagger_s: float = 0.0, rng: random.Random | None = None) -> Outcome:
+    """Start ``processes`` copies of ``sc`` together on one workdir (each ``stagger_s`` × a random fraction later
+    than the first) and wait for all. Then: every one exits 0; the outputs equal an uninterrupted run's
+    (:func:`snapshot`: rows by uid, weights, results; no temp file); no extra fingerprint folder; and the work the
+    runs report adds up to ``expected_work`` — each shard committed once, one training, one encoding per dataset."""
+    outcome = Outcome(sc.name)
+    t0 = time.perf_counter()
+    env = {**os.environ, **sc.env}
+    env.pop("GRAIN_KILL_AT", None)
+    logs = [log_dir / f"{sc.name}-{i}.log" for i in range(processes)]
+    procs = []
+    delays = sorted((rng or random.Random(0)).uniform(0, stagger_s) for _ in range(processes))
+    for log, delay in zip(logs, delays):
+        wait_s = delay - (time.perf_counter() - t0)
+        if wait_s > 0:
+            time.sleep(wait_s)
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(sc.argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    outputs = []
+    for i, proc in enumerate(procs):
+        try:
+            rc = proc.wait(timeout=sc.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+            rc = None
+        text = logs[i].read_text(errors="replace")
+        outputs.append(text)
+        if rc != 0:
+            tail = " | ".join(text.strip().splitlines()[-3:])
+            outcome.problems.append(f"process {i} exited {rc}: {tail[-400:]}")
+    for root_name, names in fingerprint_folders(workdir).items():
+        extra = sorted(set(names) - set(ref.get(root_name, {})))
+        if extra:
+            outcome.problems.append(f"{root_name}/ holds {extra}, which the uninterrupted run does not write")
+    if not outcome.problems:
+        try:
+            d = diff(ref, snapshot(workdir))
+            if d:
+                outcome.problems.append(f"differs from the uninterrupted run: {d}")
+        except AssertionError as exc:
+            outcome.problems.append(str(exc))
+        work = [work_done(sc.name, text) for text in outputs]
+        outcome.kills = [f"work {w}" for w in work]  # what each process did (the trial's record)
+        if sum(work) != expected_work:
+            outcome.problems.append(f"work done {work} (sum {sum(work)}), expected {expected_work} in all: "
+                                    "something was done twice or not at all")
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def expected_work(name: str, sizes: dict[str, int], datasets: int = 1) -> int:
+    """What :func:`concurrent_trial` expects all processes together to report for a scenario of TINY_CONFIG."""
+    return {"train": 1, "evaluate": datasets}.get(name, sizes["shards"])
 
 
 # ------------------------------------------------------------------------------------------------ the scenarios
