@@ -151,7 +151,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
              synthetic: SyntheticConfig | None = None, cache_dir: str | Path | None = None,
              progress: bool = True) -> EvalResult:
     """Score the model on every dataset of ``cfg``; write ``results.parquet`` and ``results.md`` to ``out_dir``."""
-    from grain.shards import write_json_atomic
+    from grain.shards import write_json_atomic, write_text_atomic
     from grain.train.model import load_model
 
     t0 = time.perf_counter()
@@ -203,11 +203,15 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, out_dir: str | Path, *, wor
     import pyarrow.parquet as pq
 
     tmp = out_dir / (RESULTS_FILE + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out_dir / RESULTS_FILE)
+    try:
+        pq.write_table(table, tmp)
+        tmp.replace(out_dir / RESULTS_FILE)
+    except BaseException:  # a full disk: no half-written results; the rerun writes them (the caches are kept)
+        tmp.unlink(missing_ok=True)
+        raise
     faults.point("evaluate:written")
-    (out_dir / TABLE_FILE).write_text(markdown_table(result.rows, result.skipped, model_dir,
-                                                      model_info(model_dir), result.datasets))
+    write_text_atomic(out_dir / TABLE_FILE, markdown_table(result.rows, result.skipped, model_dir,
+                                                           model_info(model_dir), result.datasets))
     result.seconds = time.perf_counter() - t0
     result.texts_encoded, result.texts_cached = text.encoded, text.cached
     write_json_atomic(out_dir / EVAL_SUMMARY_FILE, {"model": str(model_dir), "model_hash": key, "rows": len(result.rows),

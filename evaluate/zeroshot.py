@@ -186,8 +186,12 @@ class TextCache:
                           "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1])})
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.dir / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(self.dir / name)
+        try:
+            pq.write_table(table, tmp)
+            tmp.replace(self.dir / name)
+        except BaseException:  # a full disk: no stray temp file (the next run encodes these texts again)
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class EmbeddingCache:
