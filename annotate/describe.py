@@ -65,8 +65,10 @@ def describe(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    store_root: str | Path | None = None,
 ) -> StageResult:
-    """Write descriptions/ for the complete samples/ folder ``samples_dir`` into ``out_dir``."""
+    """Write descriptions/ for the complete samples/ folder ``samples_dir`` into ``out_dir``. ``store_root``: the
+    annotation store (grain.annotate.store) the engines' replies are looked up in and added to; None: none."""
     samples_dir = Path(samples_dir)
     upstream = _upstream(samples_dir)
     shards = [Shard(i, (str(p),)) for i, p in enumerate(output_parts(samples_dir))]
@@ -89,7 +91,8 @@ def describe(
             if cfg.engine == "reference":
                 _run_reference(cfg, run, states, progress)
             else:
-                _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress)
+                _run_engine(cfg, run, states, ray_cfg or RayConfig(), progress,
+                            Path(store_root) if store_root is not None else None)
             todo = run.wait_for_others()
         result = run.finish()
     if result.complete:
@@ -225,9 +228,14 @@ class _ShardState:
         if rewrite and rewrite.get("text") and caption is None:  # a refusal, an apology or nothing usable
             self.dropped["caption_unusable"] += 1
         for c in got.values():
-            self.stats["tokens_in"] += int(c.get("prompt_tokens") or 0)
-            self.stats["tokens_out"] += int(c.get("completion_tokens") or 0)
-        self.stats["requests"] += len(got)
+            if c.get("stored"):  # answered by the annotation store: no request, no tokens this run
+                self.stats["store_hits"] += 1
+            elif c.get("deduplicated"):  # the reply to an identical request of this run
+                self.stats["deduplicated"] += 1
+            else:
+                self.stats["requests"] += 1
+                self.stats["tokens_in"] += int(c.get("prompt_tokens") or 0)
+                self.stats["tokens_out"] += int(c.get("completion_tokens") or 0)
         return {
             "uid": uid,
             "descriptions": descriptions,
@@ -260,6 +268,9 @@ class _ShardState:
             # pieces of this run's replies the parser dropped (grain.annotate.parse.DROP_REASONS, caption_unusable)
             "dropped": dict(sorted(self.dropped.items())),
         }
+        if self.stats["store_hits"] or self.stats["deduplicated"] or self.stats["requests"]:
+            # prompts answered by the annotation store, and by the reply to an identical request of this run
+            stats.update(store_hits=self.stats["store_hits"], deduplicated=self.stats["deduplicated"])
         return run.commit(sink, stats, time.perf_counter() - self.started)
 
 
@@ -293,7 +304,55 @@ def _run_reference(cfg: DescribeConfig, run: StageRun, states: list[_ShardState]
 # ------------------------------------------------------------------------------------------------ engines on Ray
 
 
-def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
+def store_settings(cfg: DescribeConfig) -> dict[str, Any]:
+    """What decides a stored reply (the store's namespace): engine, model, the prompts, sampling and the image size
+    the engine sees. Not the parser's caps (replies are stored raw and parsed on every use), not whether a rewrite is
+    asked for (each prompt kind is its own key)."""
+    view = cfg.engine_settings()
+    for key in ("max_descriptions", "max_description_chars", "rewrite_caption", "retry_errors"):
+        view.pop(key, None)
+    view["prompt_id"] = prompt_id(cfg.prompt, cfg.rewrite_prompt)
+    view["request_format"] = REQUEST_FORMAT
+    return view
+
+
+#: Bump when the requests built from the same image and settings change (image encoding, message layout).
+REQUEST_FORMAT = 1
+
+
+def _reuse(cfg: DescribeConfig, store_root: Path | None) -> Any:
+    if store_root is None:
+        return None
+    from grain.annotate.store import AnnotationStore, Reuse, content_key, image_hashes
+
+    def units(state: _ShardState) -> list[tuple[str, str, str]]:
+        needed = state.needed()
+        info = image_hashes(state.shard.inputs[0], needed, ("caption",) if cfg.rewrite_caption else ())
+        out = []
+        for uid in state.uids:
+            if uid not in needed:
+                continue
+            digest, *caption = info[uid]
+            out.append((uid, "describe", content_key("describe", digest)))
+            if cfg.rewrite_caption:
+                out.append((uid, "rewrite", content_key("rewrite", digest, caption[0])))
+        return out
+
+    def to_row(state: _ShardState, uid: str, kind: str, value: dict[str, Any]) -> dict[str, Any]:
+        return {"uid": uid, "path": state.name, "kind": kind, "text": value["text"], "error": None,
+                "prompt_tokens": value.get("prompt_tokens", 0), "completion_tokens": value.get("completion_tokens", 0)}
+
+    def to_value(row: dict[str, Any]) -> dict[str, Any] | None:
+        if row.get("error") or row.get("text") is None:
+            return None
+        return {"text": row["text"], "prompt_tokens": int(row.get("prompt_tokens") or 0),
+                "completion_tokens": int(row.get("completion_tokens") or 0)}
+
+    return Reuse(AnnotationStore(store_root, "describe", store_settings(cfg)), units, to_row, to_value)
+
+
+def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool,
+                store_root: Path | None = None) -> None:
     def make_engine() -> Any:
         if cfg.engine == "vllm":
             from grain.annotate.engines import build_vllm_processor
@@ -305,7 +364,7 @@ def _run_engine(cfg: DescribeConfig, run: StageRun, states: list[_ShardState], r
         run, states, stage=f"describe[{cfg.engine}]", ray_cfg=ray_cfg,
         make_builder=lambda wanted: _RequestBuilder(cfg, wanted), make_engine=make_engine,
         add=lambda state, row: state.add(cfg, row["uid"], row["kind"], row),
-        watchdog_s=cfg.watchdog_s, progress=progress,
+        watchdog_s=cfg.watchdog_s, progress=progress, reuse=_reuse(cfg, store_root),
     )
 
 
@@ -320,23 +379,27 @@ class _RequestBuilder:
     def __call__(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         name = os.path.basename(chunk["file"])
         table = pq.ParquetFile(chunk["file"]).read_row_group(chunk["row_group"], columns=["uid", "image", "caption"])
-        wanted = self.wanted.get(name, frozenset())
+        wanted = self.wanted.get(name, {})
         out: list[dict[str, Any]] = []
         for row in table.to_pylist():
             if row["uid"] in wanted:
-                out.extend(self.requests(name, row))
+                out.extend(self.requests(name, row, wanted[row["uid"]]))
         return out
 
-    def requests(self, name: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def requests(self, name: str, row: dict[str, Any], kinds: frozenset[str] | None = None) -> list[dict[str, Any]]:
+        """The image's requests, one per prompt kind (only ``kinds`` when given: the others came from the store)."""
         cfg = self.cfg
         base = {"uid": row["uid"], "path": name}
+        kinds = frozenset(_kinds(cfg)) if kinds is None else kinds
         try:
             url = image_data_url(row["image"], cfg.image_max_side)
         except Exception as exc:  # noqa: BLE001 - the engine never sees it; the row records why
             bad = json.dumps({"pre_error": f"image cannot be prepared: {type(exc).__name__}: {exc}"})
-            return [{**base, "kind": kind, "request": bad} for kind in _kinds(cfg)]
-        out = [{**base, "kind": "describe", "request": json.dumps(describe_messages(url, cfg.prompt))}]
-        if cfg.rewrite_caption:
+            return [{**base, "kind": kind, "request": bad} for kind in _kinds(cfg) if kind in kinds]
+        out = []
+        if "describe" in kinds:
+            out.append({**base, "kind": "describe", "request": json.dumps(describe_messages(url, cfg.prompt))})
+        if cfg.rewrite_caption and "rewrite" in kinds:
             out.append({**base, "kind": "rewrite", "request": json.dumps(rewrite_messages(url, row["caption"], cfg.rewrite_prompt))})
         return out
 

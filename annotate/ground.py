@@ -62,8 +62,10 @@ def ground(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    store_root: str | Path | None = None,
 ) -> StageResult:
-    """Write regions/ for complete samples/ and descriptions/ folders into ``out_dir``."""
+    """Write regions/ for complete samples/ and descriptions/ folders into ``out_dir``. ``store_root``: the
+    annotation store (grain.annotate.store) detector results are looked up in and added to; None: none."""
     samples_dir, descriptions_dir = Path(samples_dir), Path(descriptions_dir)
     upstream = _upstream(samples_dir, descriptions_dir)
     samples_parts = output_parts(samples_dir)
@@ -85,12 +87,16 @@ def ground(
             if cfg.engine == "reference":
                 _run_reference(run, states, progress)
             else:
-                _run_owl(cfg, run, states, ray_cfg or RayConfig(), progress)
+                _run_owl(cfg, run, states, ray_cfg or RayConfig(), progress,
+                         Path(store_root) if store_root is not None else None)
             todo = run.wait_for_others()
         return run.finish()
 
 
 # ------------------------------------------------------------------------------------------------ per-shard state
+
+
+REUSE_COUNTS = ("detector_calls", "store_hits", "deduplicated")
 
 
 class _ShardState:
@@ -128,6 +134,11 @@ class _ShardState:
         self.rows[row["uid"]] = {"uid": row["uid"], "regions": row["regions"], "error": row["error"]}
         for key in ("descriptions", "grounded", "truncated_queries"):
             self.stats[key] += int(row.get(key) or 0)
+        # answered by the annotation store / by the result of an identical (image, descriptions) of this run
+        if "truncated_queries" in row:  # a detector's row (the reference engine's rows have no such count)
+            self.stats["store_hits"] += int(bool(row.get("stored")))
+            self.stats["deduplicated"] += int(bool(row.get("deduplicated")))
+            self.stats["detector_calls"] += int(not row.get("stored") and not row.get("deduplicated"))
 
     def commit(self, run: StageRun) -> dict[str, Any]:
         sink = run.sink(self.shard)
@@ -157,6 +168,8 @@ class _ShardState:
             "score_histogram": _histogram(scores, SCORE_BINS),
             "box_area_histogram": _histogram(areas, AREA_BINS),
         }
+        if any(self.stats[k] for k in REUSE_COUNTS):  # images the detector saw vs answered by the store / a duplicate
+            stats.update({k: self.stats[k] for k in REUSE_COUNTS})
         return run.commit(sink, stats, time.perf_counter() - self.started)
 
 
@@ -192,7 +205,43 @@ def _run_reference(run: StageRun, states: list[_ShardState], progress: bool) -> 
 # ------------------------------------------------------------------------------------------------ OWLv2 on Ray
 
 
-def _run_owl(cfg: GroundConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool) -> None:
+def store_settings(cfg: GroundConfig) -> dict[str, Any]:
+    """What decides a stored ground result (the store's namespace): the detector and its thresholds — the settings
+    the stage's fingerprint holds (not devices or batching)."""
+    view = cfg.engine_settings()
+    view.pop("retry_errors", None)
+    view["result_format"] = 1
+    return view
+
+
+def _reuse(cfg: GroundConfig, store_root: Path | None) -> Any:
+    if store_root is None:
+        return None
+    import json
+
+    from grain.annotate.store import AnnotationStore, Reuse, content_key, image_hashes
+
+    def units(state: _ShardState) -> list[tuple[str, None, str]]:
+        needed = state.needed()
+        images = image_hashes(state.shard.inputs[0], set(needed))
+        texts = pq.read_table(state.shard.inputs[1], columns=["uid", "descriptions"])
+        by_uid = dict(zip(texts.column("uid").to_pylist(), texts.column("descriptions").to_pylist()))
+        return [(uid, None, content_key("ground", images[uid][0], json.dumps(by_uid.get(uid) or [])))
+                for uid in state.uids if uid in needed]
+
+    def to_row(state: _ShardState, uid: str, kind: None, value: dict[str, Any]) -> dict[str, Any]:
+        return {"uid": uid, "path": state.name, "error": None, **value}
+
+    def to_value(row: dict[str, Any]) -> dict[str, Any] | None:
+        if row.get("error"):
+            return None
+        return {k: row.get(k) for k in ("regions", "descriptions", "grounded", "truncated_queries")}
+
+    return Reuse(AnnotationStore(store_root, "ground", store_settings(cfg)), units, to_row, to_value)
+
+
+def _run_owl(cfg: GroundConfig, run: StageRun, states: list[_ShardState], ray_cfg: RayConfig, progress: bool,
+             store_root: Path | None = None) -> None:
     descriptions_of = {s.name: s.shard.inputs[1] for s in states}
     if re.fullmatch(r"cuda:[1-9]\d*", cfg.device):  # an actor sees only the GPU Ray gave it, as cuda:0
         raise ValueError(f"ground.device={cfg.device}: on Ray every ground actor is given a GPU of its own; use "
@@ -211,6 +260,7 @@ def _run_owl(cfg: GroundConfig, run: StageRun, states: list[_ShardState], ray_cf
         run, states, stage="ground[owlv2]", ray_cfg=ray_cfg,
         make_builder=lambda wanted: _ImageRows(wanted, descriptions_of),
         make_engine=make_engine, add=add, watchdog_s=cfg.watchdog_s, progress=progress,
+        reuse=_reuse(cfg, store_root),
     )
 
 

@@ -164,6 +164,7 @@ def run_pending_shards(
     add: Callable[[Any, dict[str, Any]], bool],
     watchdog_s: float,
     progress: bool,
+    reuse: Any = None,
 ) -> None:
     """Drive a stage's unfinished shards through Ray: the common loop of describe and ground.
 
@@ -171,6 +172,9 @@ def run_pending_shards(
     the samples file), ``needed()`` (uids still to do), ``complete()`` and ``commit(run)``. ``add(state, row)``
     records one result row and returns True when that row finished an image. Shards with nothing left (all rows
     reused) are committed without starting Ray; the others are committed as soon as their last image is in.
+    ``reuse`` (grain.annotate.store.Reuse): units the annotation store holds are answered from it before Ray
+    starts, units with the same key are sent once (``wanted`` maps each uid to the units to request, None: all),
+    and what the engine computed is added to the store.
     """
     from grain.shards import progress_bar
 
@@ -178,32 +182,44 @@ def run_pending_shards(
         if state.complete():
             state.commit(run)
     pending = [s for s in states if not s.complete()]
+    if reuse is not None and pending:  # the annotation store answers what it holds; duplicates are sent once
+        wanted = reuse.prepare(pending, add)
+        for state in pending:
+            if state.complete():
+                state.commit(run)
+        pending = [s for s in pending if not s.complete()]
+    else:
+        wanted = {s.name: {u: None for u in s.needed()} for s in pending}
     total = sum(len(s.needed()) for s in pending)
     if not total:
         return
     by_name = {s.name: s for s in pending}
-    wanted = {s.name: frozenset(s.needed()) for s in pending}
-    with ray_session(ray_cfg):
-        chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
-        bar = progress_bar(stage, total, 0, progress, unit="img")
-        done = 0
-        t0 = time.perf_counter()
-        try:
-            for rows in stream_results(chunks, make_builder(wanted), make_engine(), watchdog_s=watchdog_s, watchdog_key=f"{stage.split('[')[0]}.watchdog_s",
-                                       actor_init_retries=ray_cfg.actor_init_retries):
-                for row in rows:
-                    state = by_name[row["path"]]
-                    if not add(state, row):
-                        continue
-                    done += 1
-                    if state.complete():
-                        state.commit(run)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", shards=len(run.result.shards_run))
-        finally:
-            if bar is not None:
-                bar.close()
+    try:
+        with ray_session(ray_cfg):
+            chunks = row_group_chunks([s.shard.inputs[0] for s in pending])
+            bar = progress_bar(stage, total, 0, progress, unit="img")
+            done = 0
+            t0 = time.perf_counter()
+            try:
+                for rows in stream_results(chunks, make_builder(wanted), make_engine(), watchdog_s=watchdog_s, watchdog_key=f"{stage.split('[')[0]}.watchdog_s",
+                                           actor_init_retries=ray_cfg.actor_init_retries):
+                    for row in rows:
+                        copies = reuse.computed(row, by_name) if reuse is not None else []
+                        for state, result in [(by_name[row["path"]], row), *copies]:
+                            if not add(state, result):
+                                continue
+                            done += 1
+                            if state.complete():
+                                state.commit(run)
+                            if bar is not None:
+                                bar.update(1)
+                                bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.2f}", shards=len(run.result.shards_run))
+            finally:
+                if bar is not None:
+                    bar.close()
+    finally:
+        if reuse is not None:
+            reuse.flush()  # what was computed is kept even when the run fails later
     missing = [s.name for s in pending if not s.complete()]
     if missing:
         raise RuntimeError(f"{stage}: the engine returned no result for some rows of {missing}; rerun to finish them")

@@ -464,6 +464,11 @@ def _report(summary: dict) -> None:
             typer.echo(f"  tar members skipped (not rows): {t['skipped_members']}")
         for warning in t.get("warnings", []):
             typer.echo(f"  warning: {warning}")
+        if "store_hits" in t:  # describe, ground: what the engine computed vs what came from the annotation store
+            computed = t.get("requests", t.get("detector_calls", 0))
+            what = "engine requests" if "requests" in t else "images through the detector"
+            typer.echo(f"  {what}: {computed} (this run); answered by the annotation store: {t['store_hits']}; "
+                       f"duplicates sent once: {t.get('deduplicated', 0)}")
     else:
         typer.echo("  stage incomplete: other ranks still have shards to run")
     typer.echo(f"  output: {summary['out']}")
@@ -552,3 +557,76 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------------------ grain cache
+
+cache_app = typer.Typer(help="The annotation store (docs/annotation-store.md): describe replies and ground results "
+                             "kept by content, shared by every workdir.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+RootOpt = Annotated[Optional[Path], typer.Option("--root", help="Store folder; default: the annotation_cache of "
+                                                 "--config (auto: $GRAIN_ANNOTATION_CACHE or ~/.cache/grain/annotations).")]
+
+
+def _store_root(root: Path | None, config: Path | None, set_: list[str] | None) -> Path:
+    from grain.annotate.store import resolve_root
+
+    if root is not None:
+        return root
+    resolved = resolve_root(_load(config, set_).annotation_cache)
+    if resolved is None:
+        _fail(ValueError("annotation_cache is off; pass --root FOLDER to inspect a store"))
+    return resolved
+
+
+@cache_app.command("stats")
+def cache_stats(root: RootOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """One line per namespace (engine, model and prompt settings): segments, keys, bytes, oldest and newest."""
+    from grain.annotate.store import stats as store_stats
+
+    folder = _store_root(root, config, set_)
+    rows = store_stats(folder)
+    typer.echo(f"annotation store {folder}: {len(rows)} namespace(s), {sum(r['keys'] for r in rows)} key(s), "
+               f"{sum(r['bytes'] for r in rows) / 1e6:.1f} MB")
+    for r in rows:
+        typer.echo(f"  {r['kind']:8s} {r['namespace']}  model={r['model']}  prompt={r['prompt_id']}  "
+                   f"{r['segments']} segment(s), {r['keys']} key(s), {r['bytes'] / 1e6:.2f} MB, {r['oldest']} .. {r['newest']}")
+
+
+@cache_app.command("verify")
+def cache_verify(root: RootOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Check every segment: Parquet footer and page checksums, sha256 keys, JSON values, the index sidecar.
+    Exit 1 naming each segment that fails (a damaged segment is skipped by lookups; `prune` can drop it)."""
+    from grain.annotate.store import verify
+
+    folder = _store_root(root, config, set_)
+    checked, problems = verify(folder)
+    for p in problems:
+        typer.echo(f"bad: {p}", err=True)
+    typer.echo(f"annotation store {folder}: {checked} segment(s) checked, {len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    root: RootOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Drop the entries of this model.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Drop the entries of this prompt id (e.g. describe+rewrite@1a2b3c4d).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Only describe or ground entries.")] = None,
+    older_than_days: Annotated[Optional[float], typer.Option(help="Drop segments older than this many days.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Say what would go; delete nothing.")] = False,
+) -> None:
+    """Delete stored entries by model, prompt, kind or age (filters combine), and writers' leftover temp files."""
+    from grain.annotate.store import prune
+
+    folder = _store_root(root, config, set_)
+    if kind not in (None, "describe", "ground"):
+        _fail(ValueError(f"--kind must be describe or ground, got {kind!r}"))
+    done = prune(folder, model=model, prompt_id=prompt, kind=kind, older_than_days=older_than_days, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"annotation store {folder}: {verb} {done['segments']} segment(s) ({done['keys']} key(s), "
+               f"{done['bytes'] / 1e6:.2f} MB) and {done['temp_files']} temp file(s)")

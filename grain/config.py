@@ -531,6 +531,12 @@ class PipelineConfig(_Frozen):
         "(grain/recipes/paper.yaml, docs/train.md 'The paper's recipe'): its values become the defaults, and keys "
         "set in the file or with --set still win. Only the resolved values are fingerprinted.",
         json_schema_extra=NOT_FINGERPRINTED)
+    annotation_cache: str = Field(
+        "auto", description="The annotation store (docs/annotation-store.md): describe replies and ground results "
+        "kept by content and shared by every workdir, so re-sharding, moving or extending a dataset re-describes "
+        "nothing. auto: $GRAIN_ANNOTATION_CACHE, else $XDG_CACHE_HOME/grain/annotations, else "
+        "~/.cache/grain/annotations; off: no store; or a folder (shared storage for a cluster). Outputs are the same "
+        "with the store on or off.", json_schema_extra=NOT_FINGERPRINTED)
     ingest: IngestConfig = IngestConfig()
     describe: DescribeConfig = DescribeConfig()
     ground: GroundConfig = GroundConfig()

