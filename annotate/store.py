@@ -199,14 +199,17 @@ class AnnotationStore:
     def _values(self, seg: int, row: int) -> dict[str, str]:
         """{key: value} of the row group of segment ``seg`` that holds ``row`` (read once, with page checksums;
         a bounded number kept in memory)."""
-        pf, starts = self._files.get(seg) or self._open(seg)
-        group = int(np.searchsorted(starts, row, side="right")) - 1
-        if (seg, group) not in self._tables:
+        where = self._group(seg, row)
+        if where not in self._tables:
             if len(self._tables) >= 256:
                 self._tables.pop(next(iter(self._tables)))
-            table = pf.read_row_group(group)
-            self._tables[(seg, group)] = dict(zip(table.column("key").to_pylist(), table.column("value").to_pylist()))
-        return self._tables[(seg, group)]
+            table = self._files[seg][0].read_row_group(where[1])
+            self._tables[where] = dict(zip(table.column("key").to_pylist(), table.column("value").to_pylist()))
+        return self._tables[where]
+
+    def _group(self, seg: int, row: int) -> tuple[int, int]:
+        _pf, starts = self._files.get(seg) or self._open(seg)
+        return seg, int(np.searchsorted(starts, row, side="right")) - 1
 
     def _open(self, seg: int) -> tuple[pq.ParquetFile, np.ndarray]:
         if len(self._files) >= 256:
@@ -232,8 +235,10 @@ class AnnotationStore:
                 seg, row = self._where[j]
                 try:
                     value = self._values(int(seg), int(row)).get(key)
-                except (OSError, pa.ArrowException) as exc:  # pruned meanwhile, or damaged: a miss
-                    log.warning("annotation store: cannot read %s (%s)", self._segments[int(seg)].path, exc)
+                except (OSError, pa.ArrowException) as exc:  # pruned meanwhile, or damaged: its keys are misses
+                    log.warning("annotation store: cannot read %s (%s); its entries are computed again",
+                                self._segments[int(seg)].path, exc)
+                    self._tables[self._group(int(seg), int(row))] = {}  # said once: the group reads as empty now
                     value = None
                 if value is not None:
                     found[key] = json.loads(value)

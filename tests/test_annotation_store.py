@@ -128,7 +128,9 @@ def test_grain_cache_verify_finds_a_planted_corrupt_segment_and_lookups_skip_it(
     assert done.returncode == 1 and f"bad: {bad}" in done.stderr and "1 problem(s)" in done.stdout, done.stdout + done.stderr
     fresh = AnnotationStore(root, "describe", SETTINGS)
     got = fresh.get_many(keys)
-    assert got == {k: _value(i) for i, k in enumerate(keys[:1000])}  # the damaged segment's keys are misses
+    truth = {k: _value(i) for i, k in enumerate(keys)}
+    assert all(got[k] == truth[k] for k in got)  # nothing damaged is ever returned...
+    assert set(keys[:1000]) <= set(got) and len(got) < 2000  # ...the keys in damaged pages are misses (computed again)
 
     truncated = AnnotationStore(root, "describe", SETTINGS).put_many({content_key("t", "0"): {"text": "t"}})
     truncated.write_bytes(truncated.read_bytes()[:-20])  # a torn file: its footer is gone
