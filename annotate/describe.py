@@ -134,6 +134,9 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
     total = {"rows_out": 0, "rows_described": 0, "rows_no_description": 0, "no_description_example": None,
              "rows_with_errors": 0, "rows_retryable_errors": 0, "error_example": None, "dropped": {}}
     for marker in iter_markers(out_dir):
+        for key in ("store_hits", "deduplicated"):
+            if marker.get(key):
+                total[key] = total.get(key, 0) + int(marker[key])
         for reason, n in (marker.get("dropped") or {}).items():
             total["dropped"][reason] = total["dropped"].get(reason, 0) + int(n)
         counts = marker if all(k in marker for k in COUNT_KEYS) else row_counts(
@@ -164,6 +167,9 @@ def format_counts(totals: dict[str, Any]) -> str:
     parts.append(line)
     if totals.get("dropped"):
         parts.append("dropped from replies: " + ", ".join(f"{k} {v}" for k, v in sorted(totals["dropped"].items())))
+    if totals.get("store_hits") or totals.get("deduplicated"):
+        parts.append(f"prompts answered by the annotation store {totals.get('store_hits', 0)}, by an identical "
+                     f"request of the same run {totals.get('deduplicated', 0)}")
     return ", ".join(parts)
 
 

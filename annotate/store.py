@@ -388,7 +388,7 @@ class Reuse:
     error is never stored, so a rerun asks again). :meth:`prepare` answers stored units and sends each key once;
     :meth:`computed` stores a computed row and returns its copies for the duplicates that waited on it."""
 
-    def __init__(self, store: AnnotationStore, units: Any, to_row: Any, to_value: Any, batch: int = 512):
+    def __init__(self, store: AnnotationStore, units: Any, to_row: Any, to_value: Any, batch: int = 4096):
         self.store = store
         self.units = units
         self.to_row = to_row

@@ -231,7 +231,9 @@ def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seco
         counts = {k: st[k] for k in ("steps", "bad_steps", "encoded", "cached") if k in st}
         totals = st.get("totals") or {}
         counts.update({k: totals[k] for k in ("rows_in", "rows_out", "rows_described", "rows_no_description",
-                                              "rows_with_errors", "normalised", "inputs_cut_short")
+                                              "rows_with_errors", "normalised", "inputs_cut_short",
+                                              # engine work this run vs the annotation store (docs/annotation-store.md)
+                                              "requests", "detector_calls", "store_hits", "deduplicated")
                        if k in ("rows_in", "rows_out") and k in totals or totals.get(k)})
         if totals.get("quarantined"):
             counts["quarantined"] = totals["quarantined"]

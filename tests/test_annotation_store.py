@@ -204,6 +204,8 @@ def test_describe_writes_the_same_rows_with_the_store_off_cold_and_warm_and_resh
     assert _server_requests(vllm_server) - before == 0  # the server saw nothing...
     assert _count(tmp_path / "warm", "requests") == 0 and _count(tmp_path / "warm", "store_hits") == 24
     assert _rows(tmp_path / "off") == _rows(tmp_path / "cold") == _rows(tmp_path / "warm")  # ...and the rows are the same
+    stats = subprocess.run([str(GRAIN), "stats", str(tmp_path / "warm")], capture_output=True, text=True)
+    assert "prompts answered by the annotation store 24, by an identical request of the same run 0" in stats.stdout, stats.stdout
 
     ingest(IngestConfig(num_shards=5, synthetic=syn), tmp_path / "resharded")  # another folder, the same images
     before = _server_requests(vllm_server)

@@ -288,3 +288,24 @@ def test_main_job_report_carries_the_cost_section(tmp_path, monkeypatch):
     monkeypatch.setattr(costs, "cost_model", broken)
     text = pipeline.write_report(cfg, summaries, 12.0).read_text()
     assert "## Cost at scale" in text and "Not available: RuntimeError: no table" in text
+
+
+def test_the_prefix_cache_reuses_whole_blocks_of_the_shared_prefix_as_measured():
+    """The cost model's reading of bench/annotation_reuse.py: a caption rewrite reuses the whole KV blocks of the
+    prefix it shares with its image's description — the stored measurement (37 shared tokens: 32 hit at 32-token
+    blocks, 0 at 128) is what the rule gives, and the rule lowers only the later requests' prefill."""
+    m = costs.MEASURED_PREFIX_REUSE
+    shared = m["shared_prefix_tokens"]
+    for block, got in m["by_block_size"].items():
+        assert (shared // int(block)) * int(block) == got["prefix_hit_tokens_per_image"]
+    plain = costs.describe_flops_per_image()
+    reused = costs.describe_flops_per_image(prefix_block=16)
+    tokens = costs.shared_prefix_tokens(plain["image_tokens"])
+    assert reused["prefix_cached_tokens"] == tokens // 16 * 16 and plain["prefix_cached_tokens"] == 0
+    assert reused["vision"] == plain["vision"] and reused["decode"] == plain["decode"]
+    assert 0 < reused["prefill"] < plain["prefill"]
+    first = costs.vlm_flops_per_image(costs.QWEN2_VL_7B, plain["image_tokens"], plain["requests"][0]["prompt_tokens"],
+                                      plain["requests"][0]["output_tokens"])
+    assert reused["prefill"] > first["prefill"]  # the description's prefill is whole; only the rewrite's shrinks
+    r = costs.cost_model()["with_reuse"]
+    assert all(r["describe_gpu_hours"][k] < e["gpu_hours"]["describe"] for k, e in costs.cost_model()["estimates"].items())
