@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def soak(names: list[str], args: argparse.Namespace, root: Path) -> int:
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["PREFECT_HOME"] = str(root / "prefect-home")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    fk.bench_environment(root)
     t_start = time.perf_counter()
     rng = random.Random(args.seed)
     rows: list[dict] = []
@@ -102,13 +98,7 @@ def stage_soak(names: list[str], args: argparse.Namespace, root: Path, rng: rand
     rows, trials = [], []
     try:
         base = root / "base"
-        base.mkdir(exist_ok=True)
-        sizes = fk.write_config(base / "grain.yaml", vllm=server.base_url, served=server.model_name, owl=owl)
-        refs: dict[str, tuple[dict, float]] = {}
-        for stage in fk.ORDER:  # the uninterrupted references, each stage on the last one's outputs
-            sc = fk.scenario(stage, GRAIN, base / "grain.yaml", sizes)
-            refs[stage] = fk.reference(sc, base, log=root / "base.log")
-            print(f"reference {stage}: {refs[stage][1]:.1f} s", flush=True)
+        sizes, refs = fk.stage_references(base, GRAIN, server.base_url, server.model_name, owl, root / "base.log")
         for name in names:
             ref, seconds = refs[name]
             done: list[fk.Outcome] = []

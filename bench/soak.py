@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -53,11 +52,7 @@ def soak(names: list[str], args: argparse.Namespace, root: Path) -> int:
     from support.tiny_owl import build_tiny_owlv2
     from support.vllm_server import VLLMServer
 
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["PREFECT_HOME"] = str(root / "prefect-home")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    fk.bench_environment(root)
     t_start = time.perf_counter()
     owl = build_tiny_owlv2(root / "owl", seed=0)
     server = VLLMServer(build_tiny_qwen2vl(root / "qwen", seed=0), served_model_name="tiny-qwen2vl", work_dir=root / "vllm")
@@ -66,13 +61,7 @@ def soak(names: list[str], args: argparse.Namespace, root: Path) -> int:
     rows, trials, failed = [], [], False
     try:
         base = root / "base"
-        base.mkdir(exist_ok=True)
-        sizes = fk.write_config(base / "grain.yaml", vllm=server.base_url, served=server.model_name, owl=owl)
-        refs: dict[str, tuple[dict, float]] = {}
-        for stage in fk.ORDER:  # the uninterrupted references, each stage on the last one's outputs
-            sc = fk.scenario(stage, GRAIN, base / "grain.yaml", sizes)
-            refs[stage] = fk.reference(sc, base, log=root / "base.log")
-            print(f"reference {stage}: {refs[stage][1]:.1f} s", flush=True)
+        sizes, refs = fk.stage_references(base, GRAIN, server.base_url, server.model_name, owl, root / "base.log")
         if "flow" in names:
             flow_ref = root / "flow-ref"
             fk.prepare(base, flow_ref, {})

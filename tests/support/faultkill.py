@@ -206,6 +206,38 @@ def diff(a: dict[str, Any], b: dict[str, Any], path: str = "") -> str | None:
     return None
 
 
+def _check_outputs(outcome: Outcome, ref: dict[str, Any], workdir: Path) -> None:
+    """Add a problem to ``outcome`` unless the workdir's snapshot equals ``ref`` (and holds no temp file)."""
+    try:
+        d = diff(ref, snapshot(workdir))
+        if d:
+            outcome.problems.append(f"differs from the uninterrupted run: {d}")
+    except AssertionError as exc:
+        outcome.problems.append(str(exc))
+
+
+def bench_environment(root: Path) -> None:
+    """The environment the soak benches run the commands in: Prefect's home in ``root``, no telemetry, offline hubs."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_HOME"] = str(root / "prefect-home")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def stage_references(base: Path, grain_bin: Path, vllm: str, served: str, owl: Path, log: Path
+                     ) -> tuple[dict[str, int], dict[str, tuple[dict[str, Any], float]]]:
+    """The tiny pipeline's config in ``base`` and every stage run there uninterrupted, each on the last one's
+    outputs: (sizes, {stage: (snapshot, seconds)})."""
+    base.mkdir(parents=True, exist_ok=True)
+    sizes = write_config(base / "grain.yaml", vllm=vllm, served=served, owl=owl)
+    refs: dict[str, tuple[dict[str, Any], float]] = {}
+    for stage in ORDER:
+        refs[stage] = reference(scenario(stage, grain_bin, base / "grain.yaml", sizes), base, log=log)
+        print(f"reference {stage}: {refs[stage][1]:.1f} s", flush=True)
+    return sizes, refs
+
+
 # ------------------------------------------------------------------------------------------------ trials
 
 
@@ -258,12 +290,7 @@ def trial(sc: Scenario, workdir: Path, ref: dict[str, Any], ref_seconds: float, 
     if status != "done":
         outcome.problems.append(f"the run after the kills failed (rc={rc})")
     else:
-        try:
-            d = diff(ref, snapshot(workdir))
-            if d:
-                outcome.problems.append(f"differs from the uninterrupted run: {d}")
-        except AssertionError as exc:
-            outcome.problems.append(str(exc))
+        _check_outputs(outcome, ref, workdir)
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
@@ -325,12 +352,7 @@ def concurrent_trial(sc: Scenario, workdir: Path, ref: dict[str, Any], processes
         if extra:
             outcome.problems.append(f"{root_name}/ holds {extra}, which the uninterrupted run does not write")
     if not outcome.problems:
-        try:
-            d = diff(ref, snapshot(workdir))
-            if d:
-                outcome.problems.append(f"differs from the uninterrupted run: {d}")
-        except AssertionError as exc:
-            outcome.problems.append(str(exc))
+        _check_outputs(outcome, ref, workdir)
         work = [work_done(sc.name, text) for text in outputs]
         outcome.kills = [f"work {w}" for w in work]  # what each process did (the trial's record)
         if sum(work) != expected_work:
