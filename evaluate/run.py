@@ -501,3 +501,39 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(Path(out_dir) / RESULTS_FILE).to_pylist()
+
+
+def headline_lines(evals: dict[str, str | Path], main: str | None = None) -> list[str]:
+    """The run in a few lines: per model, its best mode on each eval set (the task's headline metric, %), the
+    chance level, and ``main`` − each other model's best. Every mode of every model stays in the full report."""
+    import json
+
+    best: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
+    chance: dict[tuple[str, str], float | None] = {}
+    for label, folder in evals.items():
+        folder = Path(folder)
+        datasets = json.loads((folder / EVAL_SUMMARY_FILE).read_text()).get("datasets") or {}
+        for r in read_results(folder):
+            if r["metric"] != HEADLINE_METRIC.get(r["task"]):
+                continue
+            key = (r["dataset"], r["task"])
+            c = (datasets.get(r["dataset"]) or {}).get("chance") or {}
+            chance.setdefault(key, c.get("swap") if r["task"] == "swap" else c.get(HEADLINE_METRIC[r["task"]]))
+            if key not in best.setdefault(label, {}) or r["value"] > best[label][key][0]:
+                best[label][key] = (r["value"], r["mode"])
+    sets = list(dict.fromkeys(k for b in best.values() for k in b))
+    width = max([len(label) for label in evals] + [6])
+    names = [f"{d}" if t == "classification" else f"{d} ({t})" for d, t in sets]
+    lines = ["Best mode per eval set (% — top-1, swap pairs won, text→image R@1; chance in brackets):",
+             "  " + " " * width + "  " + "  ".join(
+                 f"{n} [{'—' if chance[k] is None else f'{100 * chance[k]:.1f}'}]".ljust(22) for n, k in zip(names, sets)).rstrip()]
+    for label in evals:
+        cells = [f"{100 * best[label][k][0]:5.1f} {best[label][k][1]}" if k in best.get(label, {}) else "—" for k in sets]
+        lines.append((f"  {label.ljust(width)}  " + "  ".join(c.ljust(22) for c in cells)).rstrip())
+    for other in evals:
+        if main is None or other == main or main not in best:
+            continue
+        gaps = [f"{100 * (best[main][k][0] - best[other][k][0]):+.1f}" if k in best[main] and k in best.get(other, {})
+                else "—" for k in sets]
+        lines.append(f"  {main} − {other}: " + ", ".join(f"{n} {g}" for n, g in zip(names, gaps)))
+    return lines

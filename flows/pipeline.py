@@ -97,7 +97,19 @@ def stage_task(stage: str, config: dict[str, Any], inputs: dict[str, str], out: 
 
 
 #: The stage task per stage: named after the stage, with the stage's retries.
-TASKS = {name: stage_task.with_options(name=name, retries=s.flow_retries, retry_delay_seconds=30 if s.flow_retries else 0)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A stage in which no row succeeded (grain.stages.NothingSucceeded) fails the same way on a retry: not retried."""
+    try:
+        state.result()
+    except stages.NothingSucceeded:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure: the stage's retries apply
+        return True
+    return True
+
+
+TASKS = {name: stage_task.with_options(name=name, retries=s.flow_retries, retry_delay_seconds=30 if s.flow_retries else 0,
+                                       retry_condition_fn=_worth_retrying)
          for name, s in stages.STAGES.items()}
 
 
@@ -186,6 +198,7 @@ def full_pipeline(config: str | None = None, overrides: list[str] | None = None,
                   launcher: str = "local") -> dict[str, Any]:
     """ingest → describe → ground → train → evaluate → report (the stages this config needs), each a subflow."""
     cfg = _config(config, base_overrides, overrides)
+    stages.preflight(cfg, "evaluate")  # settings that cannot serve the input: one error before any task
     common = {"config": config, "overrides": overrides, "base_overrides": base_overrides}
     t0 = time.perf_counter()
     outs: dict[str, str] = {}
@@ -210,7 +223,12 @@ def full_pipeline(config: str | None = None, overrides: list[str] | None = None,
         compared[mode] = {"train": trained, "evaluate": _subflow(evaluate_flow, **base, model=trained["model"])}
     report = write_report(cfg, summaries, time.perf_counter() - t0, compared)
     return {"report": str(report), "eval": summaries["evaluate"]["out"], "model": outs.get("model", cfg.evaluate.model),
-            "baselines": {m: c["evaluate"]["out"] for m, c in compared.items()}}
+            "baselines": {m: c["evaluate"]["out"] for m, c in compared.items()},
+            "mode": cfg.train.mode if not cfg.evaluate.model else "model",
+            "train": summaries.get("train", {}).get("out"),
+            "contact_sheet": summaries.get("ground", {}).get("contact_sheet"),
+            "stages": {name: "cached" if st.get("reused") else "ran" for name, st in summaries.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def write_report(cfg: PipelineConfig, summaries: dict[str, dict[str, Any]], seconds: float,

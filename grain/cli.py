@@ -68,6 +68,8 @@ def _run_stage(cfg: PipelineConfig, stage: str, given: dict[str, Path | None], o
 
     target = None
     try:
+        if not any(given.values()):  # folders the user passed decide the inputs, not the config's source
+            stages.preflight(cfg, stage)
         step = stages.plan(cfg, stage, given)
         target = (out or step.out).absolute()
         return step.stage.run(cfg, step.inputs, target, **opts)
@@ -387,7 +389,13 @@ def run_pipeline(
     in this process. Without PREFECT_API_URL, Prefect's temporary local server is started for the run (and stopped);
     with it, the run shows in that server's UI. Finished stages are Cached; an interrupted stage resumes where it
     stopped. Stages the config does not need (e.g. describe/ground for train.mode=clip without rewrites) are skipped."""
-    _load(config, set_)  # config errors before anything starts
+    cfg = _load(config, set_)  # config errors before anything starts
+    from grain import stages
+
+    try:
+        stages.preflight(cfg, "evaluate")
+    except ValueError as exc:
+        _fail(exc)
     from grain.flows.server import start_temporary_server_unless_configured
 
     server = start_temporary_server_unless_configured()  # starts now, while the flow code below is imported
@@ -396,8 +404,36 @@ def run_pipeline(
     if server is not None:
         server.wait_healthy()
     result = full_pipeline(str(config.absolute()) if config else None, list(set_ or []), launcher=launcher)
-    typer.echo(Path(result["report"]).read_text())
-    typer.echo(f"report: {result['report']}")
+    for line in run_summary(result, temporary_server=server is not None):
+        typer.echo(line)
+
+
+def run_summary(result: dict, temporary_server: bool = False) -> list[str]:
+    """The main job's terminal output, one screen: what ran, each model's best mode per eval set with chance and
+    the gap to the baselines, and where everything else is (the full tables stay in the report and the Prefect
+    artifact)."""
+    import os
+
+    from grain.evaluate.run import headline_lines
+
+    stages = result.get("stages") or {}
+    ran = [s for s, how in stages.items() if how == "ran"]
+    cached = [s for s, how in stages.items() if how == "cached"]
+    lines = [f"grain run finished in {result.get('seconds', 0):.0f} s: ran {', '.join(ran) or 'nothing'}"
+             + (f"; cached {', '.join(cached)}" if cached else ""), ""]
+    evals = {result.get("mode", "model"): result["eval"], **result.get("baselines", {})}
+    lines += headline_lines(evals, main=result.get("mode", "model"))
+    lines += ["", f"Full report (every mode of every model, the α sweeps, the cost model): {result['report']}"]
+    if result.get("train"):
+        lines.append(f"Loss curve: {Path(result['train']) / 'loss_curve.png'}; "
+                     f"TensorBoard: tensorboard --logdir {Path(result['train']) / 'tb'}")
+    if result.get("contact_sheet"):
+        lines.append(f"Boxes of the ground stage (contact sheet): {result['contact_sheet']}")
+    api = None if temporary_server else os.environ.get("PREFECT_API_URL")
+    lines.append(f"Prefect UI: {api.removesuffix('/api')} (flow runs, stage artifacts)" if api else
+                 "Prefect UI: this run used a temporary server; `prefect server start` + `grain serve` keeps runs "
+                 "in the UI (README)")
+    return lines
 
 
 @app.command()

@@ -197,6 +197,11 @@ class _Describe(Stage):
     def view(self, section: Any) -> dict[str, Any]:
         return section.engine_settings()
 
+    def is_finished(self, folder: str | Path) -> bool:
+        """Complete, and at least one row described: a folder in which no row got a usable description would feed
+        training nothing, so it never counts as finished (the flow stops at describe with :func:`no_success`)."""
+        return super().is_finished(folder) and no_success(self.name, folder) is None
+
     def run(self, cfg: PipelineConfig, inputs: Mapping[str, Path], out: Path, *, rank: int = 0, world_size: int = 1,
             progress: bool = False) -> dict[str, Any]:
         from grain.annotate.describe import describe
@@ -209,12 +214,18 @@ class _Describe(Stage):
         summary = _shard_summary(result)
         if result.complete:
             summary["rows_with_errors"] = sum(m.get("errors", 0) for m in iter_markers(out))
+            problem = no_success(self.name, out)
+            if problem:
+                raise NothingSucceeded(problem)
         return summary
 
 
 class _Ground(Stage):
     def view(self, section: Any) -> dict[str, Any]:
         return section.engine_settings()
+
+    def is_finished(self, folder: str | Path) -> bool:
+        return super().is_finished(folder) and no_success(self.name, folder) is None
 
     def run(self, cfg: PipelineConfig, inputs: Mapping[str, Path], out: Path, *, rank: int = 0, world_size: int = 1,
             progress: bool = False, contact_sheet: bool = True) -> dict[str, Any]:
@@ -231,6 +242,9 @@ class _Ground(Stage):
             summary.update(boxes=sum(m["boxes"] for m in markers),
                            descriptions=sum(m["descriptions"] for m in markers),
                            descriptions_grounded=sum(m["descriptions_grounded"] for m in markers))
+            problem = no_success(self.name, out)
+            if problem:
+                raise NothingSucceeded(problem)
             if contact_sheet:
                 summary["contact_sheet"] = str(render_contact_sheet(cfg, inputs["samples"], out))
         return summary
@@ -437,6 +451,62 @@ def pipeline_stages(cfg: PipelineConfig, target: str = "evaluate") -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+class NothingSucceeded(ValueError):
+    """A describe or ground stage finished with no usable row: training on it would learn nothing from it."""
+
+
+def no_success(stage: str, folder: str | Path) -> str | None:
+    """Why a finished describe / ground folder is unusable (no row described; every row grounded with an error),
+    or None. Read from the shard markers."""
+    from grain.shards import iter_markers
+
+    markers = list(iter_markers(folder))
+    rows = sum(m["rows_out"] for m in markers)
+    if not rows:
+        return None
+    if stage == "describe":
+        from grain.annotate.describe import summarize
+
+        t = summarize(folder)
+        if t["rows_described"]:
+            return None
+        example = t.get("error_example") or {}
+        why = (f"{t['rows_with_errors']} with an error (e.g. uid {example.get('uid')}: {example.get('error')})"
+               if t["rows_with_errors"] else "")
+        why += (", " if why and t["rows_no_description"] else "") + (
+            f"{t['rows_no_description']} with no usable description" if t["rows_no_description"] else "")
+        return (f"describe: none of the {rows} rows of {folder} got a usable description ({why}); training on it would "
+                "learn nothing from descriptions. Check describe.engine (reference only copies ground-truth regions, "
+                "which the synthetic world carries; for your own images use openai with a vLLM server, or vllm on "
+                "GPUs: docs/describe.md) and rerun")
+    errors = sum(m.get("errors", 0) for m in markers)
+    if errors < rows:
+        return None
+    return (f"ground: every one of the {rows} rows of {folder} failed; training on it would learn nothing from boxes. "
+            "Check ground.engine (reference only copies ground-truth boxes, which the synthetic world carries; for "
+            "your own images use owlv2: docs/ground.md) and rerun")
+
+
+def preflight(cfg: PipelineConfig, target: str = "evaluate") -> None:
+    """Settings that cannot serve the input, found before anything runs (ValueError naming the keys and the docs):
+    the reference engines on input that carries no ground truth (CSV + image folder), and the synthetic world's eval
+    splits for a model trained on other data."""
+    needed = pipeline_stages(cfg, target)
+    own = cfg.ingest.source == "csv"  # CSV rows are (image path, caption): no ground-truth regions
+    for stage, engine, what, fix in (("describe", cfg.describe.engine, "region texts", "describe.engine=openai (a vLLM "
+                                      "server, describe.openai.base_url) or vllm (GPUs): docs/describe.md"),
+                                     ("ground", cfg.ground.engine, "boxes", "ground.engine=owlv2: docs/ground.md")):
+        if own and stage in needed and engine == "reference":
+            raise ValueError(f"{stage}.engine=reference copies ground-truth {what}, and ingest.source=csv carries none "
+                             f"(only the synthetic world, or webdataset/parquet inputs with a 'regions' field, do): "
+                             f"every row would fail. Set {fix}")
+    if "evaluate" in needed and cfg.ingest.source != "synthetic" and not cfg.evaluate.model and all(
+            ds.kind == "synthetic" for ds in cfg.evaluate.datasets):
+        raise ValueError(f"evaluate.datasets are the synthetic world's splits (the default), which have nothing to do "
+                         f"with ingest.source={cfg.ingest.source}: name eval sets for your data in evaluate.datasets "
+                         "(kind image_folder, clip_benchmark, list, karpathy or samples: docs/evaluate.md)")
 
 
 def _shard_summary(result: Any) -> dict[str, Any]:

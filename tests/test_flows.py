@@ -240,7 +240,7 @@ def test_killed_run_resumes_where_it_stopped(server):
     assert all(steps.count(s) == 1 for s in range(1, 9)), steps  # not trained again
     assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
-    assert re.search(r"report: .*\.md", done.stdout)
+    assert re.search(r"Full report .*: .*\.md", done.stdout)
     assert t1 > t0
 
 
@@ -292,15 +292,25 @@ def test_grain_run_with_prefects_temporary_server(tmp_path):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         out = done.stdout + done.stderr
-        assert "Traceback" not in out and "| single | classification | names |" in out
+        assert "Traceback" not in out
         states = re.findall(r"Task run '(\w+) [^']*' - Finished in state (\w+)", out)
         assert sorted(s for s, _ in states) == sorted(["ingest", "describe", "ground", "train", "evaluate",
                                                        "train", "evaluate"]), states
         assert {st for _, st in states} == {expected}, states
-        assert (out.count("| cached (took ") == 7) == (expected == "Cached")  # the report says what this run did
-        assert "Models compared" in out and "| single | classification | descriptors | 5.00 |" in out
-        assert re.search(r"\| `grain` \(grain-tiny, 4 steps\) \| `clip_desc` \(grain-tiny, 4 steps\) \|", out), out[-3000:]
-        assert "Model: mode clip_desc" in out and "Model: mode grain" in out
+        # the terminal gets one screen (issue 28): what ran, each model's best mode per eval set, the gap, where to look
+        summary = done.stdout[done.stdout.index("grain run finished"):].strip().splitlines()
+        assert len(summary) <= 40, "\n".join(summary)
+        assert ("ran nothing; cached" in summary[0]) == (expected == "Cached"), summary[0]
+        for model in ("grain", "clip_desc"):  # each model's best value and mode on the first set
+            assert any(re.match(rf"\s+{model}\s+\d+\.\d \S+", line) for line in summary), summary
+        assert any(line.strip().startswith("grain − clip_desc: single ") for line in summary), summary
+        assert "| single | classification | names |" not in done.stdout  # the full tables are in the report...
+        report = Path(re.search(r"Full report .*: (\S+\.md)", done.stdout).group(1)).read_text()
+        assert "| single | classification | names |" in report  # ...which has all of them
+        assert (report.count("| cached (took ") == 7) == (expected == "Cached")  # the report says what this run did
+        assert "Models compared" in report and "| single | classification | descriptors | 5.00 |" in report
+        assert re.search(r"\| `grain` \(grain-tiny, 4 steps\) \| `clip_desc` \(grain-tiny, 4 steps\) \|", report), report[-3000:]
+        assert "Model: mode clip_desc" in report and "Model: mode grain" in report
         url = re.search(r"http://127\.0\.0\.1:(\d+)/", out)
         assert url, out[-2000:]
         with socket.socket() as s:  # the temporary server is gone with the command
