@@ -500,7 +500,7 @@ class StageRun:
         _prepare(self.out_dir, header)
         committed = finished_shards(self.out_dir)
         self.gate = _Gate(self.out_dir, {i: _identity(self.out_dir / DONE_DIR / f"part-{i:05d}.json") for i in committed},
-                          redo if redo is not None else None)
+                          redo)
         self.mine = [s for s in shards if s.index % world_size == rank]
         candidates = [s for s in self.mine if not self.gate.settled(s)]  # a first look; the lock has the last word
         self.result = StageResult(stage, self.out_dir, fingerprint, len(shards),

@@ -462,15 +462,12 @@ def no_success(stage: str, folder: str | Path) -> str | None:
     or None. Read from the shard markers."""
     from grain.shards import iter_markers
 
-    markers = list(iter_markers(folder))
-    rows = sum(m["rows_out"] for m in markers)
-    if not rows:
-        return None
-    if stage == "describe":
+    if stage == "describe":  # summarize reads the markers once and counts the rows by state
         from grain.annotate.describe import summarize
 
         t = summarize(folder)
-        if t["rows_described"]:
+        rows = t["rows_out"]
+        if not rows or t["rows_described"]:
             return None
         example = t.get("error_example") or {}
         why = (f"{t['rows_with_errors']} with an error (e.g. uid {example.get('uid')}: {example.get('error')})"
@@ -481,8 +478,9 @@ def no_success(stage: str, folder: str | Path) -> str | None:
                 "learn nothing from descriptions. Check describe.engine (reference only copies ground-truth regions, "
                 "which the synthetic world carries; for your own images use openai with a vLLM server, or vllm on "
                 "GPUs: docs/describe.md) and rerun")
-    errors = sum(m.get("errors", 0) for m in markers)
-    if errors < rows:
+    markers = list(iter_markers(folder))
+    rows = sum(m["rows_out"] for m in markers)
+    if not rows or sum(m.get("errors", 0) for m in markers) < rows:
         return None
     return (f"ground: every one of the {rows} rows of {folder} failed; training on it would learn nothing from boxes. "
             "Check ground.engine (reference only copies ground-truth boxes, which the synthetic world carries; for "
