@@ -171,7 +171,7 @@ def previous_encode(model: Any, count: int, load: Any, batch_size: int = 64) -> 
     out: dict[str, list[Any]] = {"image_embed": [], "region_embed": [], "boxes": []}
     with torch.no_grad():
         for start in range(0, count, batch_size):
-            arrays = [load_image(load(i), model.image_size) for i in range(start, min(count, start + batch_size))]
+            arrays = [load_image(load(i), model.image_size, norm=model.image_norm) for i in range(start, min(count, start + batch_size))]
             enc = model.encode_image(torch.from_numpy(np.stack(arrays)))
             for k in out:
                 out[k].append(enc[k].float().cpu())

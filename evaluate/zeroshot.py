@@ -78,7 +78,7 @@ def encode_images(model: GrainModel, count: int, load: Callable[[int], bytes], *
             data = load(i)
         except OSError as exc:
             raise ValueError(f"{where}: cannot read it: {exc}") from None
-        return load_image(data, size, where=where)
+        return load_image(data, size, where=where, norm=model.image_norm)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, count, batch_size):

@@ -587,6 +587,39 @@ def descriptors(
         typer.echo(f"wrote {out}")
 
 
+@app.command("export")
+def export_model(
+    model: Annotated[Path, typer.Argument(help="A grain model folder (grain_model.json) or a train run folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write the open_clip model into.")],
+    format_: Annotated[str, typer.Option("--format", help="open_clip: the towers as an open_clip model.")] = "open_clip",
+    name: Annotated[Optional[str], typer.Option(help="Model config name for open_clip.add_model_config "
+                                                "(default grain-<mode>-<content hash>).")] = None,
+) -> None:
+    """Hand a trained model's towers to open_clip: OUT/open_clip_config.json + open_clip_model.safetensors (load with
+    open_clip.create_model("local-dir:OUT"), or `clip_benchmark eval --model local-dir:OUT`) and OUT/<name>.json
+    (for open_clip.add_model_config). open_clip's factory loads the export back and its embeddings are checked
+    against grain's before this reports success. A GRAIN (decoder) model's image embedding comes from its query
+    decoder, which open_clip cannot hold: open_clip then computes the vision tower's CLS embedding (docs/models.md)."""
+    from grain.train.openclip_io import export_open_clip
+
+    if format_ != "open_clip":
+        _fail(ValueError(f"--format must be open_clip, got {format_!r}"))
+    try:
+        done = export_open_clip(model, out, name=name)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"exported {model} as open_clip model {done['name']!r} -> {done['out']}")
+    typer.echo(f"  files: {', '.join(done['files'])}")
+    typer.echo(f"  checked: open_clip's factory loads it; embeddings equal grain's towers to {max(done['max_image_diff'], done['max_text_diff']):.1e}")
+    typer.echo(f"  use: open_clip.create_model_and_transforms('local-dir:{done['out']}')  |  "
+               f"clip_benchmark eval --model local-dir:{done['out']} --pretrained none ...")
+    if done["decoder_dropped"]:
+        typer.echo(f"  warning: a {done['mode']} model's image embedding comes from its query decoder, which is not part "
+                   "of an open_clip model: open_clip computes the vision tower's CLS embedding instead, which GRAIN "
+                   "does not train as the image embedding. Text embeddings are the model's own. For GRAIN's image "
+                   "embedding in open_clip-based tools use grain.load_model (docs/models.md).", err=True)
+
+
 def main() -> None:
     app()
 

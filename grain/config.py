@@ -318,6 +318,14 @@ class TrainConfig(_Frozen):
     arch_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Nested overrides of the arch JSON, e.g. {decoder: {layers: 2}}."
     )
+    init_from: str | None = Field(
+        None, description="Start the towers from these weights instead of a random init: an open_clip checkpoint "
+        "(.safetensors/.pt/.pth/.bin state dict, bare or as open_clip's trainer saves it; or a folder with "
+        "open_clip_config.json) or a grain model/run folder. They must fit train.arch exactly (the "
+        "grain-openclip-vit-b16/-b32 archs fit open_clip's ViT-B-16/-32); decoder and heads start fresh. The "
+        "weights' content hash, not the path, joins the fingerprint (docs/models.md).",
+        json_schema_extra=NOT_FINGERPRINTED,
+    )
     steps: int = Field(300, ge=1, description="Optimizer steps (training is step-based; the loader streams epochs). "
                        "Ignored when epochs is set.")
     epochs: float | None = Field(

@@ -261,6 +261,13 @@ class _Train(Stage):
             view["resolved_arch"] = load_arch(section.arch, section.arch_overrides)
         except (ValueError, OSError):  # an unknown arch fails where the model is built, with its own message
             pass
+        if section.init_from:  # the starting weights by content: a moved file is the same run, a new one is not
+            try:
+                from grain.train.openclip_io import towers_fingerprint
+
+                view["init_from"] = towers_fingerprint(section.init_from)
+            except (ValueError, OSError):  # a missing source fails in preflight / run, with its own message
+                view["init_from"] = f"unreadable:{section.init_from}"
         return view
 
     def needs(self, cfg: PipelineConfig) -> tuple[str, ...]:
@@ -282,6 +289,10 @@ class _Train(Stage):
 
         from grain.locks import exclusive
 
+        if cfg.train.init_from:  # a checkpoint that cannot fit fails here, before a folder or lock is made
+            from grain.train.openclip_io import check_init_from
+
+            check_init_from(cfg.train)
         torchrun = launcher == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if torchrun and int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the lock for its whole job
             if resume == "latest" and self.is_finished(out):  # as rank 0 decides: nothing to train
@@ -489,8 +500,9 @@ def no_success(stage: str, folder: str | Path) -> str | None:
 
 def preflight(cfg: PipelineConfig, target: str = "evaluate") -> None:
     """Settings that cannot serve the input, found before anything runs (ValueError naming the keys and the docs):
-    the reference engines on input that carries no ground truth (CSV + image folder), and the synthetic world's eval
-    splits for a model trained on other data."""
+    the reference engines on input that carries no ground truth (CSV + image folder), a ``train.init_from``
+    checkpoint that does not fit ``train.arch``, and the synthetic world's eval splits for a model trained on other
+    data."""
     needed = pipeline_stages(cfg, target)
     own = cfg.ingest.source == "csv"  # CSV rows are (image path, caption): no ground-truth regions
     for stage, engine, what, fix in (("describe", cfg.describe.engine, "region texts", "describe.engine=openai (a vLLM "
@@ -500,6 +512,10 @@ def preflight(cfg: PipelineConfig, target: str = "evaluate") -> None:
             raise ValueError(f"{stage}.engine=reference copies ground-truth {what}, and ingest.source=csv carries none "
                              f"(only the synthetic world, or webdataset/parquet inputs with a 'regions' field, do): "
                              f"every row would fail. Set {fix}")
+    if "train" in needed and cfg.train.init_from:
+        from grain.train.openclip_io import check_init_from
+
+        check_init_from(cfg.train)
     if "evaluate" in needed and cfg.ingest.source != "synthetic" and not cfg.evaluate.model and all(
             ds.kind == "synthetic" for ds in cfg.evaluate.datasets):
         raise ValueError(f"evaluate.datasets are the synthetic world's splits (the default), which have nothing to do "

@@ -19,6 +19,8 @@ QUERY_TYPES = ("learned", "anchored", "patches", "selected")
 OPTIONAL_KEYS = {
     ("", "text_act"): ("gelu", "quick_gelu"),  # the text tower's MLP activation (OpenAI CLIP: QuickGELU)
     ("", "vision_init"): ("open_clip", "timm"),  # open_clip's own init, or timm's ViT init (trunc-normal 0.02)
+    ("", "quick_gelu"): (False, True),  # open_clip's quick_gelu: QuickGELU in both towers (OpenAI's CLIP weights)
+    ("", "image_norm"): ("imagenet", "openai"),  # input mean/std: ImageNet's, or OpenAI CLIP's (open_clip's default)
     ("decoder", "init"): ("torch", "xavier"),  # PyTorch's defaults, or xavier-uniform on every decoder matrix
     ("vision_cfg", "no_ln_pre"): None,  # open_clip: no LayerNorm before the ViT blocks (timm's ViT has none)
     ("vision_cfg", "norm_kwargs"): None,  # open_clip: LayerNorm arguments, e.g. {eps: 1.0e-6}

@@ -245,10 +245,11 @@ def select_regions(
     return texts, box_ops.xyxy_to_cxcywh(clipped[order]).astype(np.float32).reshape(-1, 4), dropped
 
 
-def load_image(data: bytes, image_size: int, where: str = "image") -> np.ndarray:
+def load_image(data: bytes, image_size: int, where: str = "image",
+               norm: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
     """Decode to RGB (grain.data.files.decode_rgb: the rule ingest applies; a failure is a ValueError naming
-    ``where``), then :func:`image_tensor`."""
-    return image_tensor(decode_rgb(data, where=where), image_size)
+    ``where``), then :func:`image_tensor` (``norm``: the model's ``image_norm``, default ImageNet's)."""
+    return image_tensor(decode_rgb(data, where=where), image_size, norm)
 
 
 def image_uint8(rgb: Image.Image, image_size: int) -> np.ndarray:
@@ -260,9 +261,14 @@ def image_uint8(rgb: Image.Image, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def image_tensor(rgb: Image.Image, image_size: int) -> np.ndarray:
-    """An RGB image squash-resized to ``S×S`` (bicubic) and ImageNet-normalised → ``[3,S,S]`` float32."""
-    return normalize_images(torch.from_numpy(image_uint8(rgb, image_size))).numpy()
+def image_tensor(rgb: Image.Image, image_size: int, norm: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
+    """An RGB image squash-resized to ``S×S`` (bicubic) and normalised → ``[3,S,S]`` float32. ``norm`` = (mean,
+    std), a model's ``image_norm`` (grain.train.model.IMAGE_NORMS); default ImageNet's."""
+    x = torch.from_numpy(image_uint8(rgb, image_size))
+    if norm is None:
+        return normalize_images(x).numpy()
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in norm)
+    return normalize_images(x, mean, std).numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the plan

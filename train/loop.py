@@ -234,6 +234,19 @@ def _assemble(cached: list[dict[str, Any]], live: dict[str, Any], k: int, accum:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
+def init_model(cfg: TrainConfig) -> GrainModel:
+    """The model a run starts from, before its first step: ``train.arch`` built under ``train.seed``, its towers
+    then loaded from ``train.init_from`` when set (grain.train.openclip_io; the decoder keeps its seeded init, the
+    same with or without init_from)."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.arch, cfg.mode, **cfg.arch_overrides)
+    if cfg.init_from:
+        from grain.train.openclip_io import init_towers
+
+        init_towers(model, cfg.init_from, cfg.arch)
+    return model
+
+
 def train(
     cfg: TrainConfig,
     samples_dir: str | Path,
@@ -271,8 +284,7 @@ def train(
                                                  "code_version": CODE_VERSION, "config": cfg.model_dump(mode="json"),
                                                  "upstream": upstream})
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.arch, cfg.mode, **cfg.arch_overrides)
+    model = init_model(cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)

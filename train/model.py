@@ -41,6 +41,11 @@ from grain.stages import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, model_content_ha
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (open_clip's default preprocess_cfg)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The arch's ``image_norm`` → the input (mean, std): grain's own archs use ImageNet's, the open_clip-compatible
+#: presets OpenAI's, which every public open_clip ViT-B checkpoint was trained with.
+IMAGE_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "openai": (OPENAI_MEAN, OPENAI_STD)}
 EXPORT_FORMAT = 1
 
 
@@ -300,16 +305,18 @@ class GrainModel(nn.Module):
         if self.uses_decoder:
             vision["pool_type"] = "none"  # the tower returns every token (after ln_post) @ proj: [B, 1+P, D]
         self.clip = open_clip.model.CLIP(
-            embed_dim=d, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**arch["text_cfg"]), output_dict=True
+            embed_dim=d, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**arch["text_cfg"]),
+            quick_gelu=bool(arch_option(arch, "", "quick_gelu")), output_dict=True,
         )
         if arch_option(arch, "", "text_act") == "quick_gelu":
             _use_quick_gelu(self.clip.transformer)
         if arch_option(arch, "", "vision_init") == "timm":
             _timm_vit_init(self.clip.visual)
         self.image_size = int(vision["image_size"])
-        # input normalisation constants on the model's device (not saved: they are the same for every model)
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        # input normalisation constants on the model's device (not saved: the arch's image_norm names them)
+        self.image_norm = IMAGE_NORMS[arch_option(arch, "", "image_norm")]
+        self.register_buffer("image_mean", torch.tensor(self.image_norm[0]).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(self.image_norm[1]).view(3, 1, 1), persistent=False)
         self.context_length = int(arch["text_cfg"]["context_length"])
         if self.uses_decoder:
             dec = arch["decoder"]
@@ -412,6 +419,17 @@ class GrainModel(nn.Module):
             out["select_logits"] = dec["select_logits"]  # [B,P] patch scores (loss_sel)
             out["select_index"] = dec["select_index"]  # [B,Q] the patch each region query started from
         return out
+
+    def encode_image_tower(self, images: Tensor) -> Tensor:
+        """images [B,3,S,S] → [B,D] L2-normalised: the vision tower's own CLIP embedding (CLS token after ln_post,
+        × proj), what open_clip's ``encode_image`` computes from these towers in every mode. For ``clip`` /
+        ``clip_desc`` it is :meth:`encode_image`'s ``image_embed``; in decoder modes it is *not* the model's image
+        embedding (the image query's is), which is why an open_clip export of a GRAIN model carries the towers only
+        (docs/models.md)."""
+        images = normalize_images(images, self.image_mean, self.image_std)
+        if not self.uses_decoder:
+            return self.clip.encode_image(images, normalize=True)
+        return F.normalize(self.clip.visual(images)[:, 0], dim=-1)  # token 0 of ln_post(x) @ proj = pool "tok"
 
     def forward(self, images: Tensor, captions: Tensor | None = None, desc_tokens: Tensor | None = None, *,
                 text_tokens: Tensor | None = None, text_index: Tensor | None = None) -> dict[str, Any]:

@@ -44,13 +44,14 @@ class GrainPreprocess:
 
     Applies the rule of :func:`grain.data.files.decode_rgb` to an already opened image (EXIF orientation when the
     tag says the image is rotated or mirrored, then :func:`grain.data.files.to_rgb`), then
-    :func:`grain.train.data.image_tensor` (squash resize to ``S×S``, bicubic, ImageNet mean/std). So
+    :func:`grain.train.data.image_tensor` (squash resize to ``S×S``, bicubic, the model's mean/std). So
     ``preprocess(Image.open(path))`` equals ``load_image(path's bytes, S)``, the tensor grain trains and evaluates
     on. A plain class (not a closure) so DataLoader worker processes can pickle it.
     """
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, norm: tuple | None = None) -> None:
         self.image_size = int(image_size)
+        self.norm = norm  # the model's image_norm (mean, std); None = ImageNet's
 
     def __call__(self, img: Image.Image) -> Tensor:
         if not isinstance(img, Image.Image):
@@ -58,7 +59,7 @@ class GrainPreprocess:
         # decode_rgb's orientation rule. Image files opened by torchvision are not transposed (and its
         # convert("RGB") keeps the EXIF block), so this is where the rule must run.
         img = orient(img)
-        return torch.from_numpy(image_tensor(to_rgb(img), self.image_size))
+        return torch.from_numpy(image_tensor(to_rgb(img), self.image_size, self.norm))
 
     def __repr__(self) -> str:
         return f"GrainPreprocess(image_size={self.image_size})"
@@ -99,7 +100,7 @@ class GrainCLIP(nn.Module):
         self.image_size: int = model.image_size
         self.context_length: int = model.context_length
         self.embed_dim: int = int(model.arch["embed_dim"])
-        self.preprocess = GrainPreprocess(model.image_size)
+        self.preprocess = GrainPreprocess(model.image_size, model.image_norm)
         self.tokenizer = text_tokenizer(model.context_length)  # what grain's own evaluation uses (TextEncoder)
         self.loader = open_image
 
