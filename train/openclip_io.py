@@ -107,26 +107,30 @@ def _load_file(path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def read_towers(source: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The towers' state dict (open_clip's key names) of a ``train.init_from`` value, and what is known about it:
-    ``{"path", "kind", "arch"}`` (the grain arch for a grain model, ``None`` otherwise), plus ``"open_clip_cfg"``
-    when an ``open_clip_config.json`` sits beside the weights."""
-    path, kind = _resolve(source)
+def _source_info(path: Path, kind: str) -> dict[str, Any]:
+    """What is known about a source besides its weights: ``{"path", "kind", "arch"}`` (the grain arch and mode for a
+    grain model), plus ``"open_clip_cfg"`` when an ``open_clip_config.json`` sits beside the weights."""
     info: dict[str, Any] = {"path": str(path), "kind": kind, "arch": None}
     if kind == "grain model":
-        from safetensors.torch import load_file
-
         meta = json.loads((path / MODEL_CONFIG_FILE).read_text())
-        info["arch"] = meta.get("arch")
-        info["mode"] = meta.get("mode")
-        weights = load_file(str(path / MODEL_WEIGHTS_FILE))
-        return {k[len("clip."):]: v for k, v in weights.items() if k.startswith("clip.")}, info
-    if (path.parent / OPEN_CLIP_CONFIG).is_file():
+        info.update(arch=meta.get("arch"), mode=meta.get("mode"))
+    elif (path.parent / OPEN_CLIP_CONFIG).is_file():
         try:
             info["open_clip_cfg"] = json.loads((path.parent / OPEN_CLIP_CONFIG).read_text())
         except (OSError, ValueError):
             pass
-    return _load_file(path), info
+    return info
+
+
+def read_towers(source: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The towers' state dict (open_clip's key names) of a ``train.init_from`` value, and :func:`_source_info`."""
+    path, kind = _resolve(source)
+    if kind == "grain model":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / MODEL_WEIGHTS_FILE))
+        return {k[len("clip."):]: v for k, v in weights.items() if k.startswith("clip.")}, _source_info(path, kind)
+    return _load_file(path), _source_info(path, kind)
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -268,12 +272,33 @@ def check_towers(arch: dict[str, Any], state_shapes: dict[str, tuple[int, ...]],
                      + ". See docs/models.md")
 
 
+def read_tower_shapes(source: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """:func:`read_towers`' key → shape and info, reading no tensor data where the format allows it: a safetensors
+    header (grain models, .safetensors files); other files are memory-mapped by torch.load."""
+    path, kind = _resolve(source)
+    weights = path / MODEL_WEIGHTS_FILE if kind == "grain model" else path
+    if weights.suffix != ".safetensors":
+        state, info = read_towers(source)
+        return {k: tuple(v.shape) for k, v in state.items()}, info
+    from safetensors import SafetensorError, safe_open
+
+    prefix = "clip." if kind == "grain model" else ""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
+    except SafetensorError as exc:
+        raise ValueError(f"train.init_from: {weights} is not a valid safetensors file ({exc})") from None
+    if not shapes:
+        raise ValueError(f"train.init_from: {weights} holds no {'tower ' if prefix else ''}tensors")
+    return shapes, _source_info(path, kind)
+
+
 def check_init_from(train_cfg: Any) -> dict[str, Any]:
     """Check ``train.init_from`` against the configured arch before anything runs (the same error the run would
-    give, without a folder written). Returns the source's info."""
-    state, info = read_towers(train_cfg.init_from)
+    give, without a folder written; only shapes are read). Returns the source's info."""
+    shapes, info = read_tower_shapes(train_cfg.init_from)
     arch = load_arch(train_cfg.arch, train_cfg.arch_overrides)
-    check_towers(arch, {k: tuple(v.shape) for k, v in state.items()}, info, train_cfg.arch)
+    check_towers(arch, shapes, info, train_cfg.arch)
     return info
 
 
