@@ -83,7 +83,8 @@ def _load_file(path: Path) -> dict[str, Tensor]:
         except SafetensorError as exc:
             raise ValueError(f"train.init_from: {path} is not a valid safetensors file ({exc})") from None
     else:
-        if zipfile.is_zipfile(path):
+        archive = zipfile.is_zipfile(path)  # torch's own format (mmap-able); also what TorchScript writes
+        if archive:
             with zipfile.ZipFile(path) as zf:
                 if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist()):
                     raise ValueError(
@@ -92,7 +93,7 @@ def _load_file(path: Path) -> dict[str, Tensor]:
                         "pretrained=PATH); safetensors.torch.save_file(model.state_dict(), 'vit-b16-openai.safetensors') "
                         "(docs/models.md)")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
         except Exception as exc:  # noqa: BLE001 - pickle/format errors of every kind: one message naming the file
             raise ValueError(f"train.init_from: {path} cannot be read as a state dict with torch.load(weights_only="
                              f"True) ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); grain "
@@ -304,11 +305,11 @@ def check_init_from(train_cfg: Any) -> dict[str, Any]:
 
 def init_towers(model: Any, source: str | Path, arch_name: str = "the arch") -> dict[str, Any]:
     """Load ``source``'s towers into ``model.clip`` strictly (the decoder and heads stay as built). Returns the
-    source's info plus its ``fingerprint``."""
+    source's info. (Its content hash is the fingerprint's business, computed where runs are planned, not here:
+    every training process calls this.)"""
     state, info = read_towers(source)
     check_towers(model.arch, {k: tuple(v.shape) for k, v in state.items()}, info, arch_name)
     model.clip.load_state_dict(state, strict=True)
-    info["fingerprint"] = towers_fingerprint(source)
     log.info("towers initialised from %s (%s)", info["path"], info["kind"])
     return info
 
